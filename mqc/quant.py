@@ -1,0 +1,329 @@
+"""The numerics of mqc: quantize, dequantize, pack, unpack and byte accounting.
+
+Every other module calls these functions; nothing else in the package computes a scale, a zero
+point or a packed byte. That keeps the artifact, the runtime, the CUDA kernels, the ONNX export
+and the budget arithmetic in agreement by construction.
+
+Quantization (DESIGN.md section 2): weight ``W [N out, K in]``, group-wise asymmetric uniform
+quantization along K with group size ``g``. K need not be a multiple of ``g``; the last group
+of a row is shorter and is stored padded to ``ceil(K/g)`` blocks exactly like onnxruntime's
+``MatMulNBits`` (padding codes are 0 and never read back).
+
+    min = min(group min, 0), max = max(group max, 0)
+    s = (max - min) / (2^b - 1)      stored as fp16; the fp16 value is the one used to quantize
+    z = clamp(round(-min / s), 0, 2^b - 1)
+    q = clamp(round(W / s) + z, 0, 2^b - 1)
+    W_hat = (q - z) * s
+
+The range is widened to contain 0, as GPTQ and onnxruntime's quantizer do: DESIGN.md's formula
+with a raw min/max clamps z for a group of one sign and the grid then misses the group's far end
+(an 8-bit error of 0.35 on a short all-positive group, measured). Guards: an all-zero group gets
+``s = 1``, and ``s`` never falls below fp16's smallest normal number.
+
+Packing is one rule for every width: within a block, code ``i`` occupies bits ``[i*b, (i+1)*b)``
+of a little-endian bit stream. For 2, 4 and 8 bits this is byte-for-byte onnxruntime's
+``MatMulNBits`` layout (``B [N, n_blocks, g*b/8]``, low bits first). For 3 bits the stream is
+cut into 24-bit words: 8 codes in 3 bytes, code ``i`` of a word at bits ``3i`` of the
+little-endian 24-bit integer. Zero points are packed per row with the same rule
+(``[N, ceil(n_blocks / codes_per_word) * word_bytes]``), which for 2/4/8 bits is again
+``MatMulNBits``' ``zero_points`` layout.
+
+Outliers are a per-layer sparse fp16 matrix in CSR form holding the *residual* ``W - W_hat`` at
+the chosen positions, so that ``W_hat + S`` reproduces those weights to fp16 precision. The dense
+part is quantized with the outliers excluded from each group's min/max, so they do not stretch
+the range of their neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mqc.errors import InvalidWeightsError
+
+QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
+FP16_BITS = 16
+SUPPORTED_BITS: tuple[int, ...] = QUANT_BITS + (FP16_BITS,)
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+_FP16_MIN_NORMAL = 2.0**-14
+_CSR_ROW_PTR_BYTES = 4
+_FP16_BYTES = 2
+
+
+# --------------------------------------------------------------------------------------------
+# bit packing
+# --------------------------------------------------------------------------------------------
+def word_layout(bits: int) -> tuple[int, int]:
+    """(word_bytes, codes_per_word) of the packed stream: (1, 8/b) for 2/4/8 bits, (3, 8) for 3."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"no packed layout for {bits} bits; use one of {QUANT_BITS}")
+    word_bits = math.lcm(bits, 8)
+    return word_bits // 8, word_bits // bits
+
+
+def packed_len(count: int, bits: int) -> int:
+    """Bytes used to pack ``count`` codes of ``bits`` bits (whole words, zero-padded)."""
+    word_bytes, per_word = word_layout(bits)
+    return -(-count // per_word) * word_bytes
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2^bits)`` along the last dim into a uint8 little-endian stream."""
+    word_bytes, per_word = word_layout(bits)
+    count = codes.shape[-1]
+    pad = -count % per_word
+    codes = codes.to(torch.int32)
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    words = codes.reshape(*codes.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=codes.device) * bits
+    word = (words << shifts).sum(-1, dtype=torch.int32)
+    byte_shifts = torch.arange(word_bytes, dtype=torch.int32, device=codes.device) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``count`` codes of the stream, as uint8."""
+    word_bytes, per_word = word_layout(bits)
+    raw = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, word_bytes)
+    byte_shifts = torch.arange(word_bytes, dtype=torch.int32, device=packed.device) * 8
+    word = (raw << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
+    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A packed group-quantized weight and the facts needed to read it back."""
+
+    qweight: torch.Tensor  # uint8 [N, n_blocks, g*b/8]
+    scales: torch.Tensor  # fp16  [N, n_blocks]
+    qzeros: torch.Tensor  # uint8 [N, packed_len(n_blocks, b)]
+    bits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.qweight.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros))
+
+
+@dataclass(frozen=True)
+class SparseOutliers:
+    """CSR fp16 residuals added to the dequantized dense weight."""
+
+    crow: torch.Tensor  # int32 [N+1]
+    col: torch.Tensor  # int16 (K <= 32767) or int32 [nnz]
+    values: torch.Tensor  # fp16 [nnz]
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows = torch.repeat_interleave(
+            torch.arange(self.shape[0], device=self.crow.device), torch.diff(self.crow.long())
+        )
+        dense = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
+        dense[rows, self.col.long()] = self.values.to(dtype)
+        return dense
+
+    def dense_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[len(rows), K]`` of selected rows, without building the whole matrix."""
+        crow = self.crow.long()
+        starts, counts = crow[rows], crow[rows + 1] - crow[rows]
+        out_row = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        index = torch.repeat_interleave(starts, counts) + torch.arange(out_row.numel(), device=rows.device) - first
+        dense = torch.zeros(rows.numel(), self.shape[1], dtype=dtype, device=self.values.device)
+        dense[out_row, self.col[index].long()] = self.values[index].to(dtype)
+        return dense
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.values))
+
+
+def n_blocks(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def check_finite(weight: torch.Tensor, name: str) -> None:
+    """Refuse NaN/Inf weights: quantizing them would silently poison every group they touch."""
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise InvalidWeightsError(
+            f"layer {name!r} has {bad} NaN/Inf weights; repair or re-export the checkpoint first"
+        )
+
+
+def _check_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
+    if weight.ndim != 2:
+        raise InvalidWeightsError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if bits not in QUANT_BITS:
+        raise ValueError(f"cannot quantize to {bits} bits; use one of {QUANT_BITS}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group size {group_size} not supported; use one of {GROUP_SIZES}")
+
+
+def _grouped(weight: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
+    """[N, K] -> [N, n_blocks, g], padding the short last group with ``fill``."""
+    rows, cols = weight.shape
+    pad = -cols % group_size
+    if pad:
+        weight = torch.nn.functional.pad(weight, (0, pad), value=fill)
+    return weight.reshape(rows, -1, group_size)
+
+
+def _codes(
+    weight: torch.Tensor, bits: int, group_size: int, outlier_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [N, nb, g] int32, z [N, nb] int32, s [N, nb] fp16) of a weight.
+
+    Padding and outlier positions are excluded from min/max; padding codes are set to 0.
+    """
+    _check_args(weight, bits, group_size)
+    levels = (1 << bits) - 1
+    w = weight.float()
+    keep = torch.ones_like(w, dtype=torch.bool) if outlier_mask is None else ~outlier_mask
+    wg = _grouped(w, group_size, 0.0)
+    kg = _grouped(keep.float(), group_size, 0.0).bool()
+    w_min = torch.where(kg, wg, torch.inf).amin(-1)
+    w_max = torch.where(kg, wg, -torch.inf).amax(-1)
+    empty = ~kg.any(-1)  # a group made only of outliers: any grid will do
+    # The range always contains 0 (as in GPTQ and onnxruntime's quantizer): otherwise a group of
+    # one sign gets z clamped to the edge and the grid no longer reaches the group's far end.
+    w_min = torch.where(empty, 0.0, w_min).clamp_max(0.0)
+    w_max = torch.where(empty, 0.0, w_max).clamp_min(0.0)
+    scale = (w_max - w_min) / levels
+    scale = torch.where(scale == 0, 1.0, scale)
+    scale16 = scale.clamp(_FP16_MIN_NORMAL, 65504.0).to(torch.float16)
+    s = scale16.float()
+    zero = torch.clamp(torch.round(-w_min / s), 0, levels)
+    q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels)
+    valid = _grouped(torch.ones_like(w), group_size, 0.0).bool()
+    q = torch.where(valid, q, 0.0)
+    return q.to(torch.int32), zero.to(torch.int32), scale16
+
+
+def _from_codes(q: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, in_features: int):
+    w = (q.float() - zero.float().unsqueeze(-1)) * scale16.float().unsqueeze(-1)
+    return w.reshape(w.shape[0], -1)[:, :in_features]
+
+
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, outlier_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W_hat in float32 without packing; equal to ``dequantize(quantize(W))`` bit for bit.
+
+    With ``outlier_mask`` the masked positions are returned exactly (fp16-rounded residual added),
+    i.e. the same matrix the runtime computes as dense + sparse.
+    """
+    if bits == FP16_BITS:
+        return weight.to(torch.float16).float()
+    q, z, s = _codes(weight, bits, group_size, outlier_mask)
+    dense = _from_codes(q, z, s, weight.shape[1])
+    if outlier_mask is None:
+        return dense
+    residual = (weight.float() - dense).to(torch.float16).float()
+    return dense + torch.where(outlier_mask, residual, 0.0)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int, outlier_mask=None) -> QuantizedWeight:
+    """Quantize and pack ``W [N, K]``. Outlier positions only leave the min/max computation;
+    call :func:`extract_outliers` to get their residuals."""
+    q, z, s = _codes(weight, bits, group_size, outlier_mask)
+    return QuantizedWeight(
+        qweight=pack(q, bits),
+        scales=s,
+        qzeros=pack(z, bits),
+        bits=bits,
+        group_size=group_size,
+        in_features=weight.shape[1],
+    )
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense ``W_hat [N, K]`` of a packed weight."""
+    q = unpack(qw.qweight, qw.bits, qw.group_size)
+    z = unpack(qw.qzeros, qw.bits, qw.n_blocks)
+    return _from_codes(q, z, qw.scales, qw.in_features).to(dtype)
+
+
+def extract_outliers(weight: torch.Tensor, qw: QuantizedWeight, mask: torch.Tensor) -> SparseOutliers:
+    """CSR of the fp16 residuals ``W - W_hat`` at ``mask``."""
+    residual = weight.float() - dequantize(qw)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order, as CSR needs
+    counts = torch.bincount(rows, minlength=weight.shape[0])
+    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32)
+    crow[1:] = torch.cumsum(counts, 0)
+    return SparseOutliers(
+        crow=crow,
+        col=cols.to(index_dtype(weight.shape[1])),
+        values=residual[rows, cols].to(torch.float16),
+        shape=tuple(weight.shape),
+    )
+
+
+def index_dtype(in_features: int) -> torch.dtype:
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+
+
+# --------------------------------------------------------------------------------------------
+# byte accounting (the one function the budget and the artifact check are held to)
+# --------------------------------------------------------------------------------------------
+def weight_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """Bytes of the dense part: packed codes + fp16 scales + packed zeros, or fp16 weights."""
+    if bits == FP16_BITS:
+        return out_features * in_features * _FP16_BYTES
+    blocks = n_blocks(in_features, group_size)
+    codes = blocks * group_size * bits // 8
+    return out_features * (codes + blocks * _FP16_BYTES + packed_len(blocks, bits))
+
+
+def outlier_bytes(out_features: int, in_features: int, n_outliers: int) -> int:
+    """CSR bytes: int32 row pointers, int16/int32 column indices, fp16 values (0 if none)."""
+    if n_outliers == 0:
+        return 0
+    idx = torch.empty((), dtype=index_dtype(in_features)).element_size()
+    return (out_features + 1) * _CSR_ROW_PTR_BYTES + n_outliers * (idx + _FP16_BYTES)
+
+
+def layer_bytes(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    n_outliers: int = 0,
+    has_bias: bool = False,
+) -> int:
+    """Every byte a layer stores: dense part, outliers, fp16 bias."""
+    bias = out_features * _FP16_BYTES if has_bias else 0
+    return (
+        weight_bytes(out_features, in_features, bits, group_size)
+        + outlier_bytes(out_features, in_features, n_outliers)
+        + bias
+    )
+
+
+def n_outliers_for(out_features: int, in_features: int, outlier_frac: float) -> int:
+    """Outlier count of a layer for a fraction of its weights (rounded down)."""
+    return int(out_features * in_features * outlier_frac)
+
+
+def average_bits(total_bytes: int, n_weights: int) -> float:
+    return 8.0 * total_bytes / n_weights

@@ -1,0 +1,169 @@
+"""Every knob of a compilation, as frozen dataclasses.
+
+A recipe is the whole, reproducible description of what `mqc compile` did: it is stored in the
+artifact's manifest and can be written as YAML. ``from_dict`` rejects unknown keys by name, so a
+typo in a recipe file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mqc.errors import RecipeError
+from mqc.quant import GROUP_SIZES, QUANT_BITS, SUPPORTED_BITS
+
+
+@dataclass(frozen=True)
+class CalibRecipe:
+    """Calibration data: random windows of the calibration split (or of ``file``)."""
+
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Keep layers whose qualname matches ``pattern`` (fnmatch) at ``min_bits`` or more."""
+
+    pattern: str
+    min_bits: int
+
+
+@dataclass(frozen=True)
+class KVRecipe:
+    """Low-rank K/V cache (CSKV). ``rank`` is a fraction of the K/V width."""
+
+    rank: float = 0.5
+    method: str = "asvd"  # "svd" | "asvd" (activation-aware)
+    window: int = 32
+    quant_bits: int | None = None  # 2/4/8 bits for the compressed branch, None keeps fp16
+    train_steps: int = 0
+    budget_frac: float | None = None  # choose per-layer ranks so KV bytes <= frac of the original
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to compile.
+
+    ``method="rtn"``: every selected layer at ``bits`` (an integer width).
+    ``method="mq"``: per-layer widths from ``allowed_bits`` minimising total sensitivity under a
+    budget given by ``bits`` (average bits per weight, all overheads counted), ``budget_bytes`` or
+    ``budget_frac`` (of the fp16 size); at most one of the last two may be set.
+    """
+
+    method: str = "rtn"
+    bits: float = 4.0
+    group_size: int = 128
+    budget_bytes: int | None = None
+    budget_frac: float | None = None
+    allowed_bits: tuple[int, ...] = SUPPORTED_BITS
+    pins: tuple[Pin, ...] = ()
+    quantize_embeddings: bool | None = None  # None: False for rtn, True for mq
+    skip: tuple[str, ...] = ()
+    outlier_frac: float = 0.0
+    sensitivity: str = "first_order"  # "first_order" | "fisher"
+    calib: CalibRecipe = field(default_factory=CalibRecipe)
+    kv: KVRecipe | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "mq"):
+            raise RecipeError(f"unknown method {self.method!r}; use 'rtn' or 'mq'")
+        if self.group_size not in GROUP_SIZES:
+            raise RecipeError(f"group_size {self.group_size} not supported; use one of {GROUP_SIZES}")
+        if self.method == "rtn" and self.bits not in SUPPORTED_BITS:
+            raise RecipeError(
+                f"rtn needs one width in {SUPPORTED_BITS}, got {self.bits}; "
+                "for a fractional average use --method mq"
+            )
+        bad = [b for b in self.allowed_bits if b not in SUPPORTED_BITS]
+        if bad or not self.allowed_bits:
+            raise RecipeError(f"allowed_bits {self.allowed_bits} must be a non-empty subset of {SUPPORTED_BITS}")
+        if self.budget_bytes is not None and self.budget_frac is not None:
+            raise RecipeError("give at most one of budget_bytes and budget_frac")
+        if not 0.0 <= self.outlier_frac < 0.5:
+            raise RecipeError(f"outlier_frac {self.outlier_frac} must be in [0, 0.5)")
+        if self.sensitivity not in ("first_order", "fisher"):
+            raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'first_order' or 'fisher'")
+        if self.kv is not None:
+            if self.kv.method not in ("svd", "asvd"):
+                raise RecipeError(f"unknown kv method {self.kv.method!r}; use 'svd' or 'asvd'")
+            if not 0.0 < self.kv.rank <= 1.0:
+                raise RecipeError(f"kv rank {self.kv.rank} must be a fraction in (0, 1]")
+            if self.kv.quant_bits is not None and self.kv.quant_bits not in (2, 4, 8):
+                raise RecipeError(f"kv quant_bits {self.kv.quant_bits} must be 2, 4 or 8")
+        for pin in self.pins:
+            if pin.min_bits not in SUPPORTED_BITS:
+                raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")
+
+    @property
+    def embeddings_included(self) -> bool:
+        if self.quantize_embeddings is None:
+            return self.method == "mq"
+        return self.quantize_embeddings
+
+    @property
+    def quant_bits(self) -> tuple[int, ...]:
+        return tuple(b for b in self.allowed_bits if b in QUANT_BITS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        return _build(cls, data, "recipe")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {path} must hold a mapping of keys to values")
+        return cls.from_dict(data)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate a (nested) dataclass from plain data, naming any unknown key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, where)
+    if origin is tuple:
+        (item, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where} must be a list")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise RecipeError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value

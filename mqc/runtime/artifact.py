@@ -1,0 +1,190 @@
+"""The compiled-model artifact: a directory that ``mqc.load`` turns back into a working model.
+
+Layout::
+
+    manifest.json       format + version, per-module kinds and configs, the plan with bytes,
+                        the recipe, the sha256 and size of the tensor file
+    model.safetensors   every stored tensor: packed codes, fp16 scales/zeros/outliers, and the
+                        remaining float tensors (norms, 16-bit layers) in fp16
+    config.json         the base model's HF config
+    tokenizer files     when the model came with a tokenizer
+
+A directory is written next to its destination and renamed into place, so a crash never leaves
+half an artifact; an existing artifact is replaced only with ``force``. Tensors that share
+storage (tied weights) are stored once and listed under ``aliases``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from mqc import __version__
+from mqc.errors import ArtifactError
+from mqc.runtime.modules import RUNTIME_MODULES
+
+FORMAT = "mqc-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "model.safetensors"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stored_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to write, aliases): float32 tensors become fp16, shared storage is kept once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensor = tensor.detach().cpu()
+        tensors[name] = (tensor.half() if tensor.dtype == torch.float32 else tensor).contiguous()
+    return tensors, aliases
+
+
+def runtime_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    kinds = set(RUNTIME_MODULES.values())
+    return {
+        name: {"kind": module.kind, "config": module.config()}
+        for name, module in model.named_modules()
+        if type(module) in kinds
+    }
+
+
+def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``compiled`` (a :class:`mqc.api.CompiledModel`) to ``out_dir`` atomically."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = compiled.model
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tensors, aliases = stored_tensors(model)
+        save_file(tensors, tmp / TENSORS, metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        if compiled.tokenizer is not None:
+            compiled.tokenizer.save_pretrained(tmp)
+        plan = [
+            {**vars(entry), "bytes": entry.nbytes} for entry in compiled.plan.values()
+        ]
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mqc_version": __version__,
+            "model_type": model.config.model_type,
+            "attn_implementation": model.config._attn_implementation,
+            "modules": runtime_modules(model),
+            "aliases": aliases,
+            "plan": plan,
+            "accounting": {
+                "plan_bytes": sum(p["bytes"] for p in plan),
+                "plan_weights": sum(p["out_features"] * p["in_features"] for p in plan),
+                "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            },
+            "recipe": compiled.recipe.to_dict(),
+            "tokenizer": compiled.tokenizer is not None,
+            "tensors": {"file": TENSORS, "sha256": sha256_of(tmp / TENSORS), "size": (tmp / TENSORS).stat().st_size},
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if out.exists():  # force: swap the new directory in, then drop the old one
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "artifact")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated manifest of an artifact directory (tensor file checked against it)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"artifact {root} not found")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST}; it is not an mqc artifact (compile one with `mqc compile`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is corrupted ({exc.msg if hasattr(exc, 'msg') else exc}); recompile the artifact") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path} is not an mqc manifest; recompile the artifact")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} has artifact format version {manifest.get('format_version')}, this mqc "
+            f"({__version__}) reads version {FORMAT_VERSION}; recompile it with this mqc"
+        )
+    tensor_path = root / manifest["tensors"]["file"]
+    if not tensor_path.is_file():
+        raise ArtifactError(f"{tensor_path} is missing; the artifact is incomplete, recompile it")
+    size = tensor_path.stat().st_size
+    if size != manifest["tensors"]["size"]:
+        raise ArtifactError(
+            f"{tensor_path} has {size} bytes, the manifest says {manifest['tensors']['size']}: "
+            "truncated or replaced; recompile the artifact"
+        )
+    if sha256_of(tensor_path) != manifest["tensors"]["sha256"]:
+        raise ArtifactError(f"{tensor_path} does not match its sha256 in the manifest: corrupted; recompile the artifact")
+    return manifest
+
+
+def load(path: str | os.PathLike):
+    """(model, tokenizer or None) of an artifact; the model generates as the compiled one did."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
+    model = model.float().eval()
+    # Owned modules first: a tied embedding refers to the module that owns its table.
+    records = sorted(manifest["modules"].items(), key=lambda item: bool(item[1]["config"].get("tied_to")))
+    for name, record in records:
+        cls = RUNTIME_MODULES.get(record["kind"])
+        if cls is None:
+            raise ArtifactError(f"{root} uses module kind {record['kind']!r} unknown to mqc {__version__}; upgrade mqc")
+        model.set_submodule(name, cls.from_config(record["config"], model))
+    try:
+        tensors = load_file(root / manifest["tensors"]["file"])
+    except SafetensorError as exc:
+        raise ArtifactError(f"cannot read {root / TENSORS}: {exc}; recompile the artifact") from None
+    for alias, source in manifest["aliases"].items():
+        tensors[alias] = tensors[source]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ArtifactError(f"{root}: tensors do not match the model ({what}); recompile the artifact")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            target = expected[name]
+            if target.shape != tensor.shape:
+                raise ArtifactError(f"{root}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.copy_(tensor.to(target.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True) if manifest["tokenizer"] else None
+    return model, tokenizer

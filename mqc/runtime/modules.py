@@ -1,0 +1,173 @@
+"""Runtime modules that replace ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Embedding`` in an HF model.
+
+The model stays a Hugging Face model (``generate()`` works); only the swapped modules change.
+Each runtime module knows its ``kind`` and a JSON-able ``config()`` from which
+``from_config`` rebuilds an empty module of the right shapes; the artifact stores one record per
+swapped module and the tensors in one safetensors file, then loads them back by kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from mqc import quant
+from mqc.runtime.ops import dense_weight
+
+
+class QLinear(torch.nn.Module):
+    """A group-quantized linear layer with an optional sparse fp16 outlier matrix."""
+
+    kind: ClassVar[str] = "qlinear"
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        bits: int,
+        group_size: int,
+        n_outliers: int = 0,
+        has_bias: bool = False,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bits, self.group_size = bits, group_size
+        blocks = quant.n_blocks(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, blocks, group_size * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, blocks, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(out_features, quant.packed_len(blocks, bits), dtype=torch.uint8))
+        if n_outliers:
+            self.register_buffer("outlier_crow", torch.zeros(out_features + 1, dtype=torch.int32))
+            self.register_buffer("outlier_col", torch.zeros(n_outliers, dtype=quant.index_dtype(in_features)))
+            self.register_buffer("outlier_values", torch.zeros(n_outliers, dtype=torch.float16))
+        else:
+            self.outlier_crow = self.outlier_col = self.outlier_values = None
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if has_bias else None)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        outlier_mask: torch.Tensor | None = None,
+    ) -> "QLinear":
+        """Quantize ``weight [out, in]`` (outliers at ``outlier_mask`` kept as fp16 residuals)."""
+        qw = quant.quantize(weight, bits, group_size, outlier_mask)
+        n_outliers = 0 if outlier_mask is None else int(outlier_mask.sum())
+        module = cls(weight.shape[0], weight.shape[1], bits, group_size, n_outliers, bias is not None)
+        module.qweight.copy_(qw.qweight)
+        module.scales.copy_(qw.scales)
+        module.qzeros.copy_(qw.qzeros)
+        if n_outliers:
+            sparse = quant.extract_outliers(weight, qw, outlier_mask)
+            module.outlier_crow.copy_(sparse.crow)
+            module.outlier_col.copy_(sparse.col)
+            module.outlier_values.copy_(sparse.values)
+        if bias is not None:
+            module.bias.copy_(bias.detach().to(torch.float16))
+        return module
+
+    @property
+    def n_outliers(self) -> int:
+        return 0 if self.outlier_values is None else self.outlier_values.numel()
+
+    def config(self) -> dict[str, Any]:
+        return dict(
+            out_features=self.out_features,
+            in_features=self.in_features,
+            bits=self.bits,
+            group_size=self.group_size,
+            n_outliers=self.n_outliers,
+            has_bias=self.bias is not None,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "QLinear":
+        return cls(**config)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def quantized_weight(self) -> quant.QuantizedWeight:
+        return quant.QuantizedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features)
+
+    def outliers(self) -> quant.SparseOutliers | None:
+        if not self.n_outliers:
+            return None
+        shape = (self.out_features, self.in_features)
+        return quant.SparseOutliers(self.outlier_crow, self.outlier_col, self.outlier_values, shape)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dense_weight(
+            self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features,
+            self.outlier_crow, self.outlier_col, self.outlier_values, dtype,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mqc.qlinear(
+            x, self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features,
+            self.outlier_crow, self.outlier_col, self.outlier_values, self.bias,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, g={self.group_size}, outliers={self.n_outliers}"
+
+
+class QEmbedding(torch.nn.Module):
+    """Token embedding that reads rows of a packed table.
+
+    With tied embeddings the table *is* the ``lm_head`` QLinear: it is referenced, not owned, so
+    the tensor is stored once and counted once. Untied, the table is an owned QLinear.
+    Gemma-style ``embed_scale`` is kept.
+    """
+
+    kind: ClassVar[str] = "qembedding"
+
+    def __init__(self, table: QLinear, tied_to: str | None, embed_scale: float | None = None):
+        super().__init__()
+        if tied_to is None:
+            self.table = table
+        else:
+            object.__setattr__(self, "table", table)  # not a submodule: owned by ``tied_to``
+        self.tied_to = tied_to
+        self.embed_scale = embed_scale
+
+    def config(self) -> dict[str, Any]:
+        return dict(
+            tied_to=self.tied_to,
+            embed_scale=self.embed_scale,
+            table=None if self.tied_to else self.table.config(),
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "QEmbedding":
+        tied_to = config["tied_to"]
+        table = model.get_submodule(tied_to) if tied_to else QLinear(**config["table"])
+        return cls(table, tied_to, config["embed_scale"])
+
+    def nbytes(self) -> int:
+        return 0 if self.tied_to else self.table.nbytes()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        rows = input_ids.reshape(-1)
+        qw = quant.QuantizedWeight(t.qweight[rows], t.scales[rows], t.qzeros[rows], t.bits, t.group_size, t.in_features)
+        out = quant.dequantize(qw)
+        sparse = t.outliers()
+        if sparse is not None:
+            out = out + sparse.dense_rows(rows)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale
+        return out.reshape(*input_ids.shape, t.in_features)
+
+
+RUNTIME_MODULES: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (QLinear, QEmbedding)}
+
+
+def register_runtime_module(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+    """Class decorator: make a runtime module kind loadable from artifacts."""
+    RUNTIME_MODULES[cls.kind] = cls
+    return cls
