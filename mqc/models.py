@@ -82,10 +82,12 @@ def default_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        # The config remembers its GGUF origin; drop it so the copy loads as a plain HF model.
-        model.config.quantization_config = None
-        if hasattr(model.config, "_pre_quantization_dtype"):
-            del model.config._pre_quantization_dtype
+        # The weights are already dequantised to float; forget the GGUF origin so the copy saves
+        # and loads as a plain HF model.
+        model.hf_quantizer = None
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)

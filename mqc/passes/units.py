@@ -91,7 +91,10 @@ class SelectUnits(Pass):
             and output_embedding is not None
             and input_embedding.weight.data_ptr() == output_embedding.weight.data_ptr()
         )
-        skipped = lambda name: any(fnmatch.fnmatchcase(name, pat) for pat in recipe.skip)  # noqa: E731
+        skip = set(recipe.skip)
+        if recipe.kv is not None:  # K/V projections become low-rank factors, stored in fp16
+            skip |= {name for site in graph.kv_sites for name in (site.k_proj, site.v_proj)}
+        skipped = lambda name: any(fnmatch.fnmatchcase(name, pat) for pat in skip)  # noqa: E731
         units: dict[str, WeightUnit] = {}
         for site in graph.linears.values():
             is_head = site.qualname == head_name

@@ -1,0 +1,239 @@
+"""The ``mqc`` command line: compile, eval, inspect, generate.
+
+User mistakes raise :class:`~mqc.errors.MqcError`; :func:`main` catches them once and prints a
+single ``mqc: error: ...`` line with exit code 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mqc.errors import MqcError
+
+
+def _parse_pin(text: str) -> dict[str, Any]:
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"pin {text!r} must look like PATTERN=BITS, e.g. 'lm_head=8'")
+    return {"pattern": pattern, "min_bits": int(bits)}
+
+
+def _parse_bits_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--allowed-bits {text!r} must be a comma list like 2,3,4,8,16") from None
+
+
+# flag -> recipe field; a flag left unset keeps the recipe file's (or the default) value
+_RECIPE_FLAGS = {
+    "method": "method",
+    "bits": "bits",
+    "group_size": "group_size",
+    "budget_bytes": "budget_bytes",
+    "budget_frac": "budget_frac",
+    "allowed_bits": "allowed_bits",
+    "pin": "pins",
+    "quantize_embeddings": "quantize_embeddings",
+    "skip": "skip",
+    "outliers": "outlier_frac",
+    "sensitivity": "sensitivity",
+}
+_CALIB_FLAGS = {"calib_file": "file", "calib_samples": "n_samples", "calib_seq_len": "seq_len", "seed": "seed"}
+_KV_FLAGS = {
+    "kv_rank": "rank",
+    "kv_method": "method",
+    "kv_window": "window",
+    "kv_quant": "quant_bits",
+    "kv_train_steps": "train_steps",
+    "kv_budget": "budget_frac",
+}
+
+
+def recipe_from_args(args: argparse.Namespace):
+    from mqc.recipe import Recipe
+
+    data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
+    for flag, key in _RECIPE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            data[key] = value
+    calib = {key: getattr(args, flag) for flag, key in _CALIB_FLAGS.items() if getattr(args, flag) is not None}
+    if calib:
+        data["calib"] = {**(data.get("calib") or {}), **calib}
+    kv = {key: getattr(args, flag) for flag, key in _KV_FLAGS.items() if getattr(args, flag) is not None}
+    if kv:
+        data["kv"] = {**(data.get("kv") or {}), **kv}
+    return Recipe.from_dict(data)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-file", help="evaluate on this text file instead of the Brown evaluation split")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored (default 16384)")
+    p.add_argument("--context", type=int, default=512, help="perplexity window and stride (default 512)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqc", description="Compile causal LMs into small, fast mixed-precision models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="quantize a model and write an artifact")
+    c.add_argument("model", nargs="?", default=None, help="local HF model dir (default: embedded SmolLM2-135M)")
+    c.add_argument("--out", required=True, help="artifact directory to write")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    c.add_argument("--recipe", help="YAML recipe file; flags given explicitly override it")
+    c.add_argument("--method", choices=["rtn", "mq"])
+    c.add_argument("--bits", type=float, help="rtn: the width; mq: average bits/weight budget, all overheads counted")
+    c.add_argument("--group-size", type=int, choices=[32, 64, 128])
+    c.add_argument("--budget-bytes", type=int, help="mq: budget in bytes for all quantized tensors")
+    c.add_argument("--budget-frac", type=float, help="mq: budget as a fraction of the fp16 size")
+    c.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
+    c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
+    c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip
+    c.add_argument("--skip", action="append", help="fnmatch pattern of layers to keep in fp16, repeatable")
+    c.add_argument("--outliers", type=float, help="fraction of weights kept as fp16 sparse outliers (0 disables)")
+    c.add_argument("--sensitivity", choices=["first_order", "fisher"])
+    c.add_argument("--calib-file", help="calibrate on this text file instead of the Brown calibration split")
+    c.add_argument("--calib-samples", type=int)
+    c.add_argument("--calib-seq-len", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--kv-rank", type=float, help="low-rank K/V cache at this fraction of the K/V width")
+    c.add_argument("--kv-method", choices=["svd", "asvd"])
+    c.add_argument("--kv-window", type=int, help="recent tokens kept in full precision (default 32)")
+    c.add_argument("--kv-quant", type=int, choices=[2, 4, 8], help="quantize the compressed K/V branch")
+    c.add_argument("--kv-train-steps", type=int, help="reconstruction training steps per layer")
+    c.add_argument("--kv-budget", type=float, help="choose per-layer K/V ranks for this fraction of KV memory")
+    c.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
+    _add_eval_args(c)
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = sub.add_parser("eval", help="perplexity of a model or artifact")
+    e.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
+    _add_eval_args(e)
+    e.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="print an artifact's per-layer plan")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="generate text with a model or artifact")
+    g.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--json", action="store_true")
+    return parser
+
+
+def _evaluate(model, tokenizer, args) -> tuple[float, int]:
+    from mqc.data import perplexity, token_stream
+
+    ids = token_stream(tokenizer, "eval", args.eval_file)
+    ppl = perplexity(model, ids, context=args.context, max_tokens=args.eval_tokens)
+    return ppl, min(ids.numel(), args.eval_tokens)
+
+
+def cmd_compile(args) -> int:
+    import mqc
+    from mqc.report import build_report, layer_table, summary_lines, write_reports
+
+    recipe = recipe_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise mqc.errors.ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    model, tokenizer = mqc.load_hf_model(args.model)
+    evaluation = None
+    if args.eval:
+        ppl_ref, tokens = _evaluate(model, tokenizer, args)
+    compiled = mqc.compile(model, recipe, tokenizer=tokenizer)
+    mqc.save(compiled, out, force=args.force)
+    if args.eval:
+        ppl, _ = _evaluate(model, tokenizer, args)
+        text = args.eval_file or "Brown eval split"
+        evaluation = {"ppl_reference": ppl_ref, "ppl_compiled": ppl, "tokens": tokens, "context": args.context, "text": text}
+    report = build_report(compiled, evaluation)
+    report["artifact"] = {"path": str(out), "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir())}
+    write_reports(report, out)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(layer_table(report["layers"]))
+        print()
+        for line in summary_lines(report):
+            print(line)
+        print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mqc.models import load_any
+
+    model, tokenizer = load_any(args.model)
+    if tokenizer is None:
+        raise MqcError(f"{args.model} has no tokenizer; perplexity on text needs one")
+    ppl, tokens = _evaluate(model, tokenizer, args)
+    result = {"model": args.model, "perplexity": ppl, "tokens": tokens, "context": args.context}
+    print(json.dumps(result) if args.json else f"perplexity {ppl:.3f} on {tokens} tokens (context {args.context})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from mqc.report import layer_table, totals
+    from mqc.runtime.artifact import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("model_type", "plan", "accounting", "recipe")} | {"totals": totals(manifest["plan"])}, indent=2))
+        return 0
+    print(f"{args.artifact}: {manifest['model_type']}, mqc {manifest['mqc_version']}, method {manifest['recipe']['method']}")
+    print(layer_table(manifest["plan"]))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from mqc.models import load_any
+
+    model, tokenizer = load_any(args.model)
+    if tokenizer is None:
+        raise MqcError(f"{args.model} has no tokenizer; generation from a text prompt needs one")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise MqcError("--device cuda: no CUDA device is visible; use --device cpu")
+        model = model.to("cuda", torch.float16)
+    ids = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    sampling = dict(do_sample=True, temperature=0.7, top_p=0.95) if args.sample else dict(do_sample=False)
+    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
+    new = out[0, ids["input_ids"].shape[1] :]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    print(json.dumps({"prompt": args.prompt, "completion": text, "tokens": new.tolist()}) if args.json else args.prompt + text)
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return COMMANDS[args.command](args)
+    except MqcError as exc:
+        print(f"mqc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mqc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
