@@ -1,0 +1,103 @@
+"""The exact allocator: optimal vs brute force, budget respected on disk, pins, infeasibility."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mqc
+from mqc.errors import InfeasibleBudgetError
+from mqc.passes import keys
+from mqc.passes.bit_alloc import solve_mckp
+from mqc.runtime.artifact import stored_tensors
+
+
+@st.composite
+def knapsacks(draw):
+    groups = draw(st.integers(1, 5))
+    costs, sizes = [], []
+    for _ in range(groups):
+        options = draw(st.integers(1, 4))
+        costs.append(draw(st.lists(st.floats(0, 100, allow_nan=False), min_size=options, max_size=options)))
+        sizes.append(draw(st.lists(st.integers(1, 50), min_size=options, max_size=options)))
+    smallest, largest = sum(map(min, sizes)), sum(map(max, sizes))
+    budget = draw(st.integers(smallest, largest))
+    return costs, sizes, budget
+
+
+@settings(max_examples=60, deadline=None)
+@given(knapsacks())
+def test_solver_equals_brute_force(instance):
+    costs, sizes, budget = instance
+    choices, objective = solve_mckp(costs, sizes, budget)
+    assert sum(sizes[g][c] for g, c in enumerate(choices)) <= budget
+    best = min(
+        sum(costs[g][c] for g, c in enumerate(combo))
+        for combo in itertools.product(*[range(len(c)) for c in costs])
+        if sum(sizes[g][c] for g, c in enumerate(combo)) <= budget
+    )
+    assert objective == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_solver_names_infeasible_minimum():
+    with pytest.raises(InfeasibleBudgetError, match="smallest possible 7 bytes"):
+        solve_mckp([[1.0, 2.0], [1.0]], [[3, 4], [4]], 6)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    bits=st.floats(3.2, 9.0),
+    outliers=st.sampled_from([0.0, 0.01]),
+    allowed=st.sampled_from([(2, 3, 4, 8, 16), (3, 4, 8), (2, 4, 16)]),
+)
+def test_plan_fits_budget_on_disk(tmp_path_factory, calib, bits, outliers, allowed):
+    model = mqc.tiny_model("llama")
+    recipe = mqc.Recipe(method="mq", bits=bits, group_size=32, outlier_frac=outliers, allowed_bits=allowed,
+                        pins=(mqc.Pin("*down_proj", 4),))  # fmt: skip
+    try:
+        compiled = mqc.compile(model, recipe, calib=calib, progress=False)
+    except InfeasibleBudgetError as exc:
+        assert "smallest plan" in str(exc)
+        return
+    plan = compiled.plan
+    assert all(p.bits in allowed for p in plan.values())
+    assert all(p.bits >= 4 for n, p in plan.items() if n.endswith("down_proj"))
+    n_weights = sum(p.n_weights for p in plan.values())
+    # what is stored for the planned layers, read back from the written artifact
+    out = mqc.save(compiled, tmp_path_factory.mktemp("a") / "art")
+    tensors = stored_tensors(mqc.load(out)[0])[0]
+    stored = sum(t.numel() * t.element_size() for n, t in tensors.items() if any(n.startswith(q + ".") for q in plan))
+    assert stored == sum(p.nbytes for p in plan.values())
+    assert 8 * stored / n_weights <= bits + 1e-9
+    assert compiled.context[keys.ALLOCATION].slack_bytes >= 0
+
+
+def test_tied_embedding_counted_once(calib):
+    model = mqc.tiny_model("llama")  # tied embeddings
+    compiled = mqc.compile(model, mqc.Recipe(method="mq", bits=5.0, group_size=32), calib=calib, progress=False)
+    assert "lm_head" in compiled.plan and "model.embed_tokens" not in compiled.plan
+    assert type(model.model.embed_tokens).__name__ == "QEmbedding"
+    assert model.model.embed_tokens.table is model.lm_head
+
+
+def test_infeasible_budget_names_minimum(calib):
+    with pytest.raises(InfeasibleBudgetError, match=r"needs \d+\.\d+ bits"):
+        mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(method="mq", bits=1.0, group_size=32), calib=calib, progress=False)
+
+
+def test_budget_frac_and_bytes_agree(calib):
+    from mqc.passes.bit_alloc import budget_bytes
+
+    model = mqc.tiny_model("llama")
+    a = mqc.compile(model, mqc.Recipe(method="mq", budget_frac=0.3, group_size=32), calib=calib, progress=False)
+    fp16 = sum(p.n_weights * 2 for p in a.plan.values())
+    assert a.context[keys.ALLOCATION].budget_bytes == int(0.3 * fp16)
+    units = a.context[keys.UNITS]
+    assert budget_bytes(mqc.Recipe(method="mq", budget_bytes=12345), units) == 12345

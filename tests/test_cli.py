@@ -1,0 +1,99 @@
+"""CLI: user errors are one line with exit code 2; compile/inspect/eval/generate on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+import mqc
+from mqc.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A local HF model directory with a tokenizer, as a user would have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of and to in is was he it that for on with as his at by".split()
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>")
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    mqc.tiny_model("llama").save_pretrained(path)
+    tok.save_pretrained(path)
+    text = tmp_path_factory.mktemp("t") / "text.txt"
+    text.write_text(" ".join(words * 60))
+    return path, text
+
+
+def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
+    model_dir, text = tiny_dir
+    out = tmp_path / "art"
+    args = [str(model_dir), "--bits", "4", "--group-size", "32", "--out", str(out), "--calib-file", str(text)]
+    assert main(["compile", *args, "--eval", "--eval-file", str(text), "--context", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in printed and "perplexity: reference" in printed
+    assert {"manifest.json", "model.safetensors", "report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
+
+    assert main(["compile", *args]) == 2  # exists, no --force
+    assert "already exists" in capsys.readouterr().err
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {r["bits"] for r in info["plan"]} == {4} and info["totals"]["layers"] == 14
+
+    assert main(["eval", str(out), "--eval-file", str(text), "--context", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+    assert main(["generate", str(out), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 5
+
+
+def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
+    model_dir, text = tiny_dir
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: mq\nbits: 4.5\ngroup_size: 32\noutlier_frac: 0.01\ncalib: {n_samples: 4, seq_len: 32}\n")
+    out = tmp_path / "mq"
+    assert main(["compile", str(model_dir), "--recipe", str(recipe), "--calib-file", str(text), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"]["used_bits"] <= 4.5 and report["totals"]["outliers"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compile", "/nonexistent/model", "--out", "x"], "not found"),
+        (["inspect", "/nonexistent/art"], "not found"),
+        (["compile", "--method", "rtn", "--bits", "2.5", "--out", "x"], "rtn needs one width"),
+        (["eval", "/tmp"], "no config.json"),
+    ],
+)
+def test_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("method: mq\nbitz: 3\n")
+    assert main(["compile", "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key 'bitz'" in capsys.readouterr().err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    assert main(["compile", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "model type 'bert' is not supported" in capsys.readouterr().err
+
+
+def test_nan_weights_refused():
+    model = mqc.tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(mqc.MqcError, match="NaN/Inf"):
+        mqc.compile(model, mqc.Recipe(bits=4, group_size=32), progress=False)
