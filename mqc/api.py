@@ -34,7 +34,7 @@ class CompiledModel:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.method == "mq" or recipe.outlier_frac > 0 or (recipe.kv is not None and recipe.kv.method == "asvd")
+    return recipe.method == "mq" or recipe.outlier_frac > 0 or recipe.uses_gptq or (recipe.kv is not None and recipe.kv.method == "asvd")
 
 
 def default_pipeline(recipe: Recipe) -> list[Pass]:
@@ -45,9 +45,10 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
     from mqc.passes.uniform import UniformPlan
     from mqc.passes.units import SelectUnits
 
-    passes: list[Pass] = [SelectUnits(), SelectOutliers(), QuantizeModules()]
-    if needs_calibration(recipe):
-        passes.append(ActivationStats())
+    calibrated = needs_calibration(recipe)
+    passes: list[Pass] = [SelectUnits(), SelectOutliers(weighted=calibrated), QuantizeModules(gptq=recipe.uses_gptq)]
+    if calibrated:
+        passes.append(ActivationStats(hessians=recipe.uses_gptq))
     if recipe.method == "mq":
         from mqc.passes.bit_alloc import AllocateBits
         from mqc.passes.sensitivity import Sensitivity

@@ -189,10 +189,31 @@ def _grouped(weight: torch.Tensor, group_size: int, fill: float) -> torch.Tensor
     return weight.reshape(rows, -1, group_size)
 
 
+def _params(wg: torch.Tensor, kg: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero, fp16 scale) per group of ``wg [..., g]``; ``kg`` marks the entries that set the range."""
+    w_min = torch.where(kg, wg, torch.inf).amin(-1)
+    w_max = torch.where(kg, wg, -torch.inf).amax(-1)
+    empty = ~kg.any(-1)  # a group made only of outliers/padding: any grid will do
+    # The range always contains 0 (as in GPTQ and onnxruntime's quantizer): otherwise a group of
+    # one sign gets z clamped to the edge and the grid no longer reaches the group's far end.
+    w_min = torch.where(empty, 0.0, w_min).clamp_max(0.0)
+    w_max = torch.where(empty, 0.0, w_max).clamp_min(0.0)
+    scale = (w_max - w_min) / levels
+    scale = torch.where(scale == 0, 1.0, scale)
+    scale16 = scale.clamp(_FP16_MIN_NORMAL, 65504.0).to(torch.float16)
+    zero = torch.clamp(torch.round(-w_min / scale16.float()), 0, levels)
+    return zero, scale16
+
+
+def _encode(w: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes of ``w`` on the grid (zero, scale); ``zero``/``scale16`` broadcast over the last dim."""
+    return torch.clamp(torch.round(w / scale16.float().unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels)
+
+
 def _codes(
     weight: torch.Tensor, bits: int, group_size: int, outlier_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q [N, nb, g] int32, z [N, nb] int32, s [N, nb] fp16) of a weight.
+    """Round-to-nearest (q [N, nb, g] int32, z [N, nb] int32, s [N, nb] fp16) of a weight.
 
     Padding and outlier positions are excluded from min/max; padding codes are set to 0.
     """
@@ -202,22 +223,73 @@ def _codes(
     keep = torch.ones_like(w, dtype=torch.bool) if outlier_mask is None else ~outlier_mask
     wg = _grouped(w, group_size, 0.0)
     kg = _grouped(keep.float(), group_size, 0.0).bool()
-    w_min = torch.where(kg, wg, torch.inf).amin(-1)
-    w_max = torch.where(kg, wg, -torch.inf).amax(-1)
-    empty = ~kg.any(-1)  # a group made only of outliers: any grid will do
-    # The range always contains 0 (as in GPTQ and onnxruntime's quantizer): otherwise a group of
-    # one sign gets z clamped to the edge and the grid no longer reaches the group's far end.
-    w_min = torch.where(empty, 0.0, w_min).clamp_max(0.0)
-    w_max = torch.where(empty, 0.0, w_max).clamp_min(0.0)
-    scale = (w_max - w_min) / levels
-    scale = torch.where(scale == 0, 1.0, scale)
-    scale16 = scale.clamp(_FP16_MIN_NORMAL, 65504.0).to(torch.float16)
-    s = scale16.float()
-    zero = torch.clamp(torch.round(-w_min / s), 0, levels)
-    q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels)
+    zero, scale16 = _params(wg, kg, levels)
+    q = _encode(wg, zero, scale16, levels)
     valid = _grouped(torch.ones_like(w), group_size, 0.0).bool()
     q = torch.where(valid, q, 0.0)
     return q.to(torch.int32), zero.to(torch.int32), scale16
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, damping more if needed."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.diag(h).mean()
+    for factor in (1, 10, 100, 1000):
+        chol, info = torch.linalg.cholesky_ex(h + damp * factor * mean_diag * eye)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    raise InvalidWeightsError("the calibration Hessian is not positive definite even after damping; use more calibration data")
+
+
+def _gptq_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    outlier_mask: torch.Tensor | None,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's error onto the
+    not-yet-quantized columns through the inverse Hessian of the layer's inputs.
+
+    Blocks are the quantization groups, so each group's grid is fitted to its weights *after* the
+    updates from earlier groups. Outlier positions are taken as exact (no error to push); their
+    final updated values are returned in ``target`` together with the dense result, so that
+    ``target`` is the matrix the runtime must reproduce (dense part + outlier residuals).
+    Returns (q, z, s) in the layout of :func:`_codes` and ``target [N, K]``.
+    """
+    _check_args(weight, bits, group_size)
+    levels = (1 << bits) - 1
+    w = weight.float().clone()
+    rows, cols = w.shape
+    hinv = _inverse_hessian_factor(hessian, damp)
+    w[:, torch.diag(hessian) == 0] = 0.0
+    keep = torch.ones_like(w, dtype=torch.bool) if outlier_mask is None else ~outlier_mask
+    blocks = n_blocks(cols, group_size)
+    q = torch.zeros(rows, blocks, group_size)
+    zeros = torch.zeros(rows, blocks)
+    scales = torch.zeros(rows, blocks, dtype=torch.float16)
+    target = torch.zeros_like(w)
+    for b in range(blocks):
+        i1, i2 = b * group_size, min((b + 1) * group_size, cols)
+        block, block_keep = w[:, i1:i2], keep[:, i1:i2]
+        zero, scale16 = _params(block, block_keep, levels)
+        zeros[:, b], scales[:, b] = zero, scale16
+        errors = torch.zeros_like(block)
+        h_block = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = block[:, i]
+            code = _encode(column[:, None], zero, scale16, levels)[:, 0]
+            value = torch.where(block_keep[:, i], (code - zero) * scale16.float(), column)
+            q[:, b, i], target[:, i1 + i] = code, value
+            err = (column - value) / h_block[i, i]
+            block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return q.to(torch.int32), zeros.to(torch.int32), scales, target
 
 
 def _from_codes(q: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, in_features: int):
@@ -225,36 +297,57 @@ def _from_codes(q: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, in_f
     return w.reshape(w.shape[0], -1)[:, :in_features]
 
 
-def fake_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, outlier_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """W_hat in float32 without packing; equal to ``dequantize(quantize(W))`` bit for bit.
+def _quantize_any(weight, bits, group_size, outlier_mask, hessian):
+    """(q, z, s, target): GPTQ when a Hessian is given, else round-to-nearest (target = weight)."""
+    if hessian is None:
+        return (*_codes(weight, bits, group_size, outlier_mask), weight.float())
+    return _gptq_codes(weight, hessian, bits, group_size, outlier_mask)
 
-    With ``outlier_mask`` the masked positions are returned exactly (fp16-rounded residual added),
-    i.e. the same matrix the runtime computes as dense + sparse.
+
+def fake_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    outlier_mask: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The matrix the runtime computes with (float32), without packing.
+
+    Equal bit for bit to ``dequantize(qw) + outliers.to_dense()`` of :func:`quantize_layer`:
+    outlier positions carry their fp16-rounded residual on top of the dense part.
     """
     if bits == FP16_BITS:
         return weight.to(torch.float16).float()
-    q, z, s = _codes(weight, bits, group_size, outlier_mask)
+    q, z, s, target = _quantize_any(weight, bits, group_size, outlier_mask, hessian)
     dense = _from_codes(q, z, s, weight.shape[1])
     if outlier_mask is None:
         return dense
-    residual = (weight.float() - dense).to(torch.float16).float()
+    residual = (target - dense).to(torch.float16).float()
     return dense + torch.where(outlier_mask, residual, 0.0)
 
 
+def _pack_codes(q, z, s, bits: int, group_size: int, in_features: int) -> QuantizedWeight:
+    return QuantizedWeight(pack(q, bits), s, pack(z, bits), bits, group_size, in_features)
+
+
 def quantize(weight: torch.Tensor, bits: int, group_size: int, outlier_mask=None) -> QuantizedWeight:
-    """Quantize and pack ``W [N, K]``. Outlier positions only leave the min/max computation;
-    call :func:`extract_outliers` to get their residuals."""
-    q, z, s = _codes(weight, bits, group_size, outlier_mask)
-    return QuantizedWeight(
-        qweight=pack(q, bits),
-        scales=s,
-        qzeros=pack(z, bits),
-        bits=bits,
-        group_size=group_size,
-        in_features=weight.shape[1],
-    )
+    """Round-to-nearest quantize and pack ``W [N, K]``. Outlier positions only leave the min/max
+    computation; :func:`quantize_layer` also returns their residuals."""
+    return _pack_codes(*_codes(weight, bits, group_size, outlier_mask), bits, group_size, weight.shape[1])
+
+
+def quantize_layer(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    outlier_mask: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+) -> tuple[QuantizedWeight, SparseOutliers | None]:
+    """Packed dense part and CSR outliers of a layer; GPTQ when ``hessian`` (``X^T X`` of the
+    layer's inputs) is given, round-to-nearest otherwise."""
+    q, z, s, target = _quantize_any(weight, bits, group_size, outlier_mask, hessian)
+    qw = _pack_codes(q, z, s, bits, group_size, weight.shape[1])
+    return qw, None if outlier_mask is None else extract_outliers(target, qw, outlier_mask)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -71,6 +71,7 @@ class Recipe:
     skip: tuple[str, ...] = ()
     outlier_frac: float = 0.0
     sensitivity: str = "first_order"  # "first_order" | "fisher"
+    quantizer: str | None = None  # "rtn" | "gptq"; None: rtn for method rtn, gptq for mq
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
 
@@ -93,6 +94,8 @@ class Recipe:
             raise RecipeError(f"outlier_frac {self.outlier_frac} must be in [0, 0.5)")
         if self.sensitivity not in ("first_order", "fisher"):
             raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'first_order' or 'fisher'")
+        if self.quantizer not in (None, "rtn", "gptq"):
+            raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
         if self.kv is not None:
             if self.kv.method not in ("svd", "asvd"):
                 raise RecipeError(f"unknown kv method {self.kv.method!r}; use 'svd' or 'asvd'")
@@ -109,6 +112,10 @@ class Recipe:
         if self.quantize_embeddings is None:
             return self.method == "mq"
         return self.quantize_embeddings
+
+    @property
+    def uses_gptq(self) -> bool:
+        return (self.quantizer or ("gptq" if self.method == "mq" else "rtn")) == "gptq"
 
     @property
     def quant_bits(self) -> tuple[int, ...]:

@@ -35,6 +35,11 @@ class SelectOutliers(Pass):
     requires = (keys.BIT_PLAN, keys.UNITS)
     produces = (keys.OUTLIER_MASKS,)
 
+    def __init__(self, weighted: bool = False):
+        """``weighted``: score with calibration activation energy (requires act_stats)."""
+        if weighted:
+            self.requires = type(self).requires + (keys.ACT_STATS,)
+
     def run(self, ctx: CompileContext) -> PassResult:
         units, plan = ctx[keys.UNITS], ctx[keys.BIT_PLAN]
         energy = ctx.results.get(keys.ACT_STATS, {})

@@ -8,6 +8,7 @@ compiled model in memory and the model loaded back from disk are then the same f
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from mqc import quant
 from mqc.passes import keys
@@ -34,10 +35,17 @@ class QuantizeModules(Pass):
     requires = (keys.BIT_PLAN, keys.UNITS, keys.OUTLIER_MASKS)
     produces = (keys.QUANTIZED,)
 
+    def __init__(self, gptq: bool = False):
+        self.gptq = gptq
+        if gptq:
+            self.requires = type(self).requires + (keys.HESSIANS,)
+
     def run(self, ctx: CompileContext) -> PassResult:
         model, units, masks = ctx.model, ctx[keys.UNITS], ctx[keys.OUTLIER_MASKS]
+        hessians = ctx[keys.HESSIANS] if self.gptq else {}
         swapped = []
-        for name, entry in ctx[keys.BIT_PLAN].items():
+        plan = ctx[keys.BIT_PLAN]
+        for name, entry in tqdm(plan.items(), desc="quantize", disable=not ctx.progress, leave=False):
             if entry.bits == quant.FP16_BITS:
                 continue
             unit = units[name]
@@ -45,7 +53,7 @@ class QuantizeModules(Pass):
             quant.check_finite(weight, name)
             old = model.get_submodule(name)
             bias = getattr(old, "bias", None) if not isinstance(old, torch.nn.Embedding) else None
-            qlinear = QLinear.from_weight(weight, bias, entry.bits, entry.group_size, masks.get(name))
+            qlinear = QLinear.from_weight(weight, bias, entry.bits, entry.group_size, masks.get(name), hessians.get(name))
             if unit.embedding == name:  # an untied embedding is its own table
                 embedding = model.get_submodule(name)
                 model.set_submodule(name, QEmbedding(qlinear, None, _embed_scale(embedding)))

@@ -53,16 +53,17 @@ class QLinear(torch.nn.Module):
         bits: int,
         group_size: int,
         outlier_mask: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> "QLinear":
-        """Quantize ``weight [out, in]`` (outliers at ``outlier_mask`` kept as fp16 residuals)."""
-        qw = quant.quantize(weight, bits, group_size, outlier_mask)
-        n_outliers = 0 if outlier_mask is None else int(outlier_mask.sum())
+        """Quantize ``weight [out, in]`` (outliers at ``outlier_mask`` kept as fp16 residuals;
+        GPTQ when the layer's input Hessian is given)."""
+        qw, sparse = quant.quantize_layer(weight, bits, group_size, outlier_mask, hessian)
+        n_outliers = 0 if sparse is None else sparse.nnz
         module = cls(weight.shape[0], weight.shape[1], bits, group_size, n_outliers, bias is not None)
         module.qweight.copy_(qw.qweight)
         module.scales.copy_(qw.scales)
         module.qzeros.copy_(qw.qzeros)
         if n_outliers:
-            sparse = quant.extract_outliers(weight, qw, outlier_mask)
             module.outlier_crow.copy_(sparse.crow)
             module.outlier_col.copy_(sparse.col)
             module.outlier_values.copy_(sparse.values)
