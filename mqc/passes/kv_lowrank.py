@@ -1,0 +1,317 @@
+"""Low-rank K/V projections for the bi-branch KV cache (CSKV): factor, pick ranks, train, swap.
+
+Per layer, each of ``W_k`` and ``W_v`` is factored ``W ~= B A`` (``A [r, in]``, ``B [out, r]``):
+
+* ``svd``: truncated SVD of ``W``; the error is the weight's relative Frobenius error.
+* ``asvd`` (activation-aware): SVD of ``W D`` with ``D = diag(sqrt(E[x_j^2]))`` from the
+  calibration statistics, ``A = V_r^T D^-1``, ``B = U_r S_r``. ``||(W - B A) D||_F^2`` is then the
+  expected output error ``E||(W - B A) x||^2`` for input channels taken as uncorrelated, so the
+  SVD minimises the error the cache actually makes; RMS rather than ASVD's ``mean|x|^0.5`` makes
+  that identity exact.
+
+With activation statistics the factors are rebalanced so that every feature channel
+``c_j = (A x)_j`` has unit RMS on the calibration data (``A <- S^-1 A``, ``B <- B S``; the
+product is unchanged): per-token quantization of ``c`` then sees channels of one scale, not the
+singular-value spread.
+
+Ranks: ``round(kv.rank * width)`` for every projection, or, with ``kv.budget_frac``, per
+projection from a grid of 16 ranks, minimising the sum of relative reconstruction errors under
+``sum(feature bytes per token) <= budget_frac * sum(fp16 K/V bytes per token)``, solved exactly by
+the same multiple-choice-knapsack MILP as the bit allocation (the window, a constant, is not
+part of the budget).
+
+Reconstruction training (``kv.train_steps > 0``): for each projection, Adam on ``A`` and ``B``
+minimising the relative error of ``B q(A x)`` against ``W x`` on calibration inputs of that layer,
+where ``q`` is the compressed branch's quantization (straight-through) when ``kv.quant_bits`` is
+set. Errors are measured on held-out calibration tokens; the trained factors are kept only when
+they beat the initial ones there.
+
+The original ``W`` stays as the exact window branch; :class:`mqc.runtime.kv.LowRankKVProj`
+replaces each projection and :func:`mqc.runtime.kv.install` makes the model use the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from mqc import quant
+from mqc.errors import InfeasibleBudgetError, PassContractError, RecipeError, UnsupportedModelError
+from mqc.passes import keys
+from mqc.passes.act_stats import CALIB_BATCH
+from mqc.passes.base import CompileContext, Pass, PassResult
+from mqc.passes.bit_alloc import solve_mckp
+from mqc.recipe import KVRecipe
+from mqc.runtime.kv import FULL_BYTES, KVSettings, LowRankKVProj, check_supported, install
+
+RANK_GRID = 16  # ranks tried per projection under a budget: width * i / 16
+TRAIN_TOKENS = 4096  # calibration tokens kept per layer for training (plus a held-out eighth)
+TRAIN_BATCH = 256
+TRAIN_LR = 1e-3
+
+
+@dataclass(frozen=True)
+class ProjectionPlan:
+    """What was decided for one K or V projection, and how well it reconstructs."""
+
+    qualname: str
+    out_features: int
+    in_features: int
+    rank: int
+    spectral_error: float  # relative error of the truncated SVD (activation-weighted for asvd)
+    heldout_error_init: float | None = None  # relative output error on held-out calibration inputs
+    heldout_error_trained: float | None = None
+
+
+@dataclass(frozen=True)
+class KVLayerPlan:
+    layer: int
+    k: ProjectionPlan
+    v: ProjectionPlan
+
+
+class Factorization:
+    """SVD of a (column-scaled) weight, from which any rank's factors and error follow."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None):
+        self.weight = weight.float()
+        self.scale = scale
+        scaled = self.weight if scale is None else self.weight * scale
+        self.u, self.s, self.vh = torch.linalg.svd(scaled.double(), full_matrices=False)
+        energy = self.s.pow(2)
+        self._tail = (energy.flip(0).cumsum(0).flip(0) / energy.sum().clamp_min(1e-300)).tolist() + [0.0]
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[0]
+
+    def error(self, rank: int) -> float:
+        """Relative squared error of the rank-``rank`` truncation in the factorised metric."""
+        return self._tail[rank]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [rank, in], B [out, rank]) with ``B A`` the best rank-``rank`` approximation."""
+        down = self.vh[:rank].float()
+        if self.scale is not None:
+            down = down / self.scale
+        return down, (self.u[:, :rank] * self.s[:rank]).float()
+
+
+def _scale_of(energy: torch.Tensor) -> torch.Tensor:
+    """``sqrt(E[x^2])`` per input channel, floored so that dead channels do not divide by zero."""
+    return energy.float().clamp_min(energy.float().max() * 1e-10 + 1e-30).sqrt()
+
+
+def balance(down: torch.Tensor, up: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale so each feature channel has unit RMS under inputs of energy ``E[x^2]``."""
+    rms = (down.pow(2) @ energy.float()).sqrt().clamp_min(1e-12)
+    return down / rms[:, None], up * rms[None, :]
+
+
+def uniform_ranks(widths: list[int], fraction: float) -> list[int]:
+    return [min(w, max(1, round(w * fraction))) for w in widths]
+
+
+def budget_ranks(factorizations: list[Factorization], settings: KVSettings, budget_frac: float) -> list[int]:
+    """Exact per-projection ranks minimising total relative error under a feature-bytes budget."""
+    grids = [sorted({max(1, round(f.width * i / RANK_GRID)) for i in range(1, RANK_GRID + 1)}) for f in factorizations]
+    costs = [[f.error(r) for r in grid] for f, grid in zip(factorizations, grids)]
+    sizes = [[settings.feature_bytes(r) for r in grid] for grid in grids]
+    full = sum(f.width * FULL_BYTES for f in factorizations)
+    budget = int(budget_frac * full)
+    smallest = sum(s[0] for s in sizes)
+    if smallest > budget:
+        raise InfeasibleBudgetError(
+            f"kv budget {budget_frac:.3f} of the fp16 KV bytes is infeasible: the smallest ranks need "
+            f"{smallest / full:.3f}; raise --kv-budget or lower --kv-quant"
+        )
+    choices, _ = solve_mckp(costs, sizes, budget)
+    return [grid[c] for grid, c in zip(grids, choices)]
+
+
+# --------------------------------------------------------------------------------------------
+# reconstruction training
+# --------------------------------------------------------------------------------------------
+def collect_inputs(
+    model: torch.nn.Module, names: list[str], calib: torch.Tensor, tokens: int, seed: int = 0, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Up to ``tokens`` random input rows ``[n, in]`` of each named module over the calibration set."""
+    total = calib.numel()
+    keep = min(1.0, tokens / total)
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            pick = torch.rand(x.shape[0], generator=gen) < keep
+            rows[name].append(x[pick.to(x.device)].float().cpu())
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, calib.shape[0], CALIB_BATCH), desc="kv inputs", disable=not progress, leave=False):
+                model(input_ids=calib[start : start + CALIB_BATCH].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def relative_error(
+    down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, inputs: torch.Tensor, bits: int | None, group_size: int
+) -> torch.Tensor:
+    """``||B q(A x) - W x||^2 / ||W x||^2`` over ``inputs``; ``q`` straight-through quantization."""
+    features = inputs @ down.T
+    if bits is not None:
+        features = features + (quant.fake_quantize(features.detach(), bits, group_size) - features).detach()
+    target = inputs @ weight.T
+    return (features @ up.T - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+
+
+def train_factors(
+    down: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    steps: int,
+    settings: KVSettings,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(A, B, held-out error before, after): Adam with cosine decay; initial factors kept if
+    training does not help on the held-out eighth of ``inputs``."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(inputs.shape[0], generator=gen)
+    held = max(1, inputs.shape[0] // 8)
+    test, train = inputs[order[:held]], inputs[order[held:]]
+    bits, group = settings.quant_bits, settings.group_size
+    with torch.no_grad():
+        before = relative_error(down, up, weight, test, bits, group).item()
+    params = [down.clone().requires_grad_(True), up.clone().requires_grad_(True)]
+    optimizer = torch.optim.Adam(params, lr=TRAIN_LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = train[torch.randint(0, train.shape[0], (TRAIN_BATCH,), generator=gen)]
+            loss = relative_error(params[0], params[1], weight, batch, bits, group)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        trained = [p.detach() for p in params]
+        after = relative_error(*trained, weight, test, bits, group).item()
+    if not after < before:
+        return down, up, before, before
+    return trained[0], trained[1], before, after
+
+
+# --------------------------------------------------------------------------------------------
+# the pass
+# --------------------------------------------------------------------------------------------
+class KVLowRank(Pass):
+    """Rewrite every layer's K/V projections into exact + low-rank branches and install the cache.
+
+    Runs after weight quantization (it requires ``QUANTIZED``), so that the model's other forward
+    passes during compilation never see the compressed cache, and so that training reads the
+    activations of the model as it will run.
+    """
+
+    name = "kv_lowrank"
+    requires = (keys.GRAPH, keys.QUANTIZED)
+    produces = (keys.KV_PLAN, keys.KV_REWRITTEN)
+
+    def __init__(self, kv: KVRecipe | None = None):
+        """``kv``: the recipe's KV settings, to declare the calibration results it needs; None
+        reads ``ctx.recipe.kv`` at run time (and then checks those results itself)."""
+        self.kv = kv
+        if kv is not None:
+            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if kv.train_steps else ())
+            self.requires = type(self).requires + extra
+
+    def _recipe(self, ctx: CompileContext) -> KVRecipe:
+        kv = self.kv or ctx.recipe.kv
+        if kv is None:
+            raise RecipeError("the kv_lowrank pass needs KV settings: set recipe.kv (e.g. --kv-rank 0.5)")
+        if kv.budget_frac is not None and not 0.0 < kv.budget_frac <= 1.0:
+            raise RecipeError(f"kv budget_frac {kv.budget_frac} must be a fraction in (0, 1]")
+        if kv.window < 1 or kv.train_steps < 0:
+            raise RecipeError(f"kv window ({kv.window}) must be >= 1 and train_steps ({kv.train_steps}) >= 0")
+        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if kv.train_steps else ())
+        for key in needed:
+            if key not in ctx:
+                raise PassContractError(f"pass {self.name} needs {key!r} for kv method {kv.method!r}/training")
+        return kv
+
+    def _projections(self, ctx: CompileContext) -> list[tuple[int, str, str]]:
+        """(layer, k qualname, v qualname) per attention, checked to be plain separate linears."""
+        model, sites = ctx.model, ctx[keys.GRAPH].kv_sites
+        if not sites:
+            raise UnsupportedModelError(f"{model.config.model_type}: no K/V projections found in the graph")
+        for site in sites:
+            if site.k_proj == site.v_proj:
+                raise UnsupportedModelError(
+                    f"{model.config.model_type}: keys and values come from one fused projection ({site.k_proj}); "
+                    "low-rank KV needs separate k/v projections"
+                )
+            for name in (site.k_proj, site.v_proj):
+                module = model.get_submodule(name)
+                if type(module) is not torch.nn.Linear:
+                    raise UnsupportedModelError(
+                        f"{name} is a {type(module).__name__}, not nn.Linear; keep K/V projections out of weight "
+                        "quantization (skip them) when compressing the KV cache"
+                    )
+        return [(s.layer, s.k_proj, s.v_proj) for s in sites]
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        kv = self._recipe(ctx)
+        model = ctx.model
+        check_supported(model)
+        layers = self._projections(ctx)
+        names = [n for _, k, v in layers for n in (k, v)]
+        settings = KVSettings(window=kv.window, quant_bits=kv.quant_bits)
+        stats = ctx.results.get(keys.ACT_STATS, {})
+        weights = {n: model.get_submodule(n).weight.detach().float() for n in names}
+        factorizations = [
+            Factorization(weights[n], _scale_of(stats[n]) if kv.method == "asvd" else None) for n in names
+        ]
+        if kv.budget_frac is None:
+            ranks = uniform_ranks([f.width for f in factorizations], kv.rank)
+        else:
+            ranks = budget_ranks(factorizations, settings, kv.budget_frac)
+        factors = {}
+        for name, fact, rank in zip(names, factorizations, ranks):
+            down, up = fact.factors(rank)
+            factors[name] = balance(down, up, stats[name]) if name in stats else (down, up)
+        heldout = self._train(ctx, kv, settings, layers, weights, factors) if kv.train_steps else {}
+        plans = {}
+        for name, fact, rank in zip(names, factorizations, ranks):
+            module = model.get_submodule(name)
+            model.set_submodule(name, LowRankKVProj.from_factors(module.weight, module.bias, *factors[name]))
+            plans[name] = ProjectionPlan(name, fact.width, module.in_features, rank, fact.error(rank), *heldout.get(name, (None, None)))
+        install(model, settings)
+        ctx.results[keys.KV_PLAN] = {layer: KVLayerPlan(layer, plans[k], plans[v]) for layer, k, v in layers}
+        ctx.results[keys.KV_REWRITTEN] = names
+        mean_rank = sum(p.rank / p.out_features for p in plans.values()) / len(plans)
+        return PassResult(True, f"{len(layers)} attention layers low-rank (mean rank {mean_rank:.3f} of width)")
+
+    def _train(self, ctx, kv: KVRecipe, settings: KVSettings, layers, weights, factors) -> dict[str, tuple[float, float]]:
+        """Train every projection's factors in place in ``factors``; (held-out error before, after).
+        K and V of a layer read the same input, collected once."""
+        k_names = [k for _, k, _ in layers]
+        inputs = collect_inputs(ctx.model, k_names, ctx[keys.CALIB], TRAIN_TOKENS * 9 // 8, progress=ctx.progress)
+        errors = {}
+        for index, (_, k, v) in enumerate(tqdm(layers, desc="kv training", disable=not ctx.progress, leave=False)):
+            x = inputs.pop(k)
+            for offset, name in enumerate((k, v)):
+                down, up, before, after = train_factors(
+                    *factors[name], weights[name], x, kv.train_steps, settings, seed=2 * index + offset
+                )
+                factors[name] = (down, up)
+                errors[name] = (before, after)
+        return errors

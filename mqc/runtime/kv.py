@@ -1,0 +1,542 @@
+"""Low-rank KV cache runtime (CSKV): a bi-branch cache of exact recent tokens and low-rank old ones.
+
+A compiled model keeps Hugging Face's attention code; mqc hooks into the four places that code
+offers, and nowhere else:
+
+1. **Projections.** Each layer's ``k_proj``/``v_proj`` becomes a :class:`LowRankKVProj`. Its
+   output is the *exact* projection ``W x + b`` (the window branch, as in CSKV), and it leaves the
+   low-rank features ``c = A x`` of the same tokens in ``proj.features`` for the cache to take.
+2. **Cache.** :class:`LowRankKVCache` keeps, per layer, the exact post-RoPE K/V of the last
+   ``window`` tokens (and their features, waiting to be compressed) and the features of every
+   older token, in fp16 or group-quantized per token to 2/4/8 bits with :mod:`mqc.quant`. Old K/V
+   are rebuilt as ``B c + b`` (then ``k_norm`` where the family has one, then RoPE at each token's
+   own position). ``update`` returns two key sections: the rebuilt old tokens ``[0, m)`` and the
+   exact recent ones ``[e, T)`` (see :class:`Sections`).
+3. **Mask.** The attention mask function registered under :data:`ATTN_IMPLEMENTATION` lets a
+   query at position ``t`` see key ``s`` *rebuilt* when ``t - s >= window`` and *exact*
+   otherwise. Decoding one token, the two sections do not overlap and this is the ordinary causal
+   mask; for a multi-token forward (prefill, perplexity) every query sees exactly what it would
+   have seen decoding token by token, so one forward measures compressed decoding.
+4. **Cache installation.** A forward pre-hook on the model swaps the default (empty) cache for a
+   :class:`LowRankKVCache` and records the forward's position ids, so ``model(...)`` and
+   ``model.generate(...)`` use the compressed cache without the caller passing anything.
+
+Without a cache (``use_cache=False``) the model computes exact attention: every token is then in
+the window. Settings shared by all layers (window, feature bits, feature group size) live in
+``model.config.mqc_kv``, which is saved in the artifact's ``config.json``; the ranks live in each
+projection's runtime-module config.
+
+Accounting (:func:`kv_accounting`) counts full-precision K/V at 16 bits per element (the
+deployment dtype; the CPU runtime computes in float32), compressed features at their stored size
+(:func:`mqc.quant.weight_bytes` of one row per token), and 4 bytes per token for the positions
+that RoPE needs when rebuilding (one int32 per token for the whole model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import rotate_half
+
+from mqc import quant
+from mqc.errors import UnsupportedModelError
+from mqc.runtime.modules import register_runtime_module
+
+ATTN_IMPLEMENTATION = "mqc_lowrank_kv"
+CONFIG_ATTR = "mqc_kv"
+# Families whose attention is "project, [k_norm], RoPE with rotate_half, cache.update, sdpa" with a
+# single rotary embedding on the decoder: the runtime rebuilds their keys exactly that way.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+FEATURE_GROUP_SIZE = 32  # per-token quantization groups of the compressed features
+FULL_BYTES = 2  # accounted bytes of one full-precision K/V element (fp16)
+POSITION_BYTES = 4  # int32 position per token, shared by all layers
+QUERY_CHUNK = 1024  # queries per sdpa call under a materialised mask (bounds prefill memory)
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """What every layer's cache shares: stored as ``model.config.mqc_kv``."""
+
+    window: int = 32
+    quant_bits: int | None = None
+    group_size: int = FEATURE_GROUP_SIZE
+
+    @classmethod
+    def of(cls, config) -> "KVSettings":
+        data = getattr(config, CONFIG_ATTR, None)
+        if data is None:
+            raise UnsupportedModelError("this model has no low-rank KV settings (config.mqc_kv); compile it with a kv recipe")
+        return cls(**data)
+
+    def feature_bytes(self, rank: int) -> int:
+        """Stored bytes of one token's features at ``rank``: codes + fp16 scales + packed zeros."""
+        return quant.weight_bytes(1, rank, self.quant_bits or quant.FP16_BITS, self.group_size)
+
+
+# --------------------------------------------------------------------------------------------
+# the projection
+# --------------------------------------------------------------------------------------------
+@register_runtime_module
+class LowRankKVProj(torch.nn.Module):
+    """A K or V projection that also emits the low-rank features of its input.
+
+    ``weight``/``bias`` are the original projection (the window branch); ``down`` is ``A [rank,
+    in]`` and ``up`` is ``B [out, rank]``: an old token's K/V is rebuilt as ``up @ c + bias`` from
+    ``c = down @ x``. All four are fp16-rounded, which is how the artifact stores them.
+    """
+
+    kind: ClassVar[str] = "kv_lowrank"
+
+    def __init__(self, out_features: int, in_features: int, rank: int, has_bias: bool = False):
+        super().__init__()
+        self.out_features, self.in_features, self.rank = out_features, in_features, rank
+        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if has_bias else None
+        self.down = torch.nn.Parameter(torch.zeros(rank, in_features), requires_grad=False)
+        self.up = torch.nn.Parameter(torch.zeros(out_features, rank), requires_grad=False)
+        self.features: torch.Tensor | None = None  # c of the latest forward, taken by the cache
+
+    @classmethod
+    def from_factors(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor
+    ) -> "LowRankKVProj":
+        module = cls(weight.shape[0], weight.shape[1], down.shape[0], bias is not None)
+        with torch.no_grad():
+            for name, value in (("weight", weight), ("bias", bias), ("down", down), ("up", up)):
+                if value is not None:
+                    getattr(module, name).copy_(value.detach().to(torch.float16).float())
+        return module
+
+    def config(self) -> dict[str, Any]:
+        return dict(
+            out_features=self.out_features, in_features=self.in_features, rank=self.rank, has_bias=self.bias is not None
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "LowRankKVProj":
+        install(model)  # a loaded artifact gets its cache hook back with its first projection
+        return cls(**config)
+
+    def rebuild(self, features: torch.Tensor) -> torch.Tensor:
+        """``B c + b``: the approximate projection output of tokens known only by their features."""
+        return F.linear(features, self.up.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype))
+
+    def take_features(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("LowRankKVProj.features is empty: the cache must update right after the projection runs")
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.features = F.linear(x, self.down.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+@dataclass(frozen=True)
+class KVSite:
+    """One compressed attention layer of a model: its module and projections."""
+
+    layer: int
+    attention: torch.nn.Module
+    k_proj: LowRankKVProj
+    v_proj: LowRankKVProj
+
+
+def lowrank_sites(model: torch.nn.Module) -> list[KVSite]:
+    """The compressed attention layers of ``model``, in layer order."""
+    sites = [
+        KVSite(module.layer_idx, module, module.k_proj, module.v_proj)
+        for module in model.modules()
+        if isinstance(getattr(module, "k_proj", None), LowRankKVProj)
+    ]
+    return sorted(sites, key=lambda s: s.layer)
+
+
+# --------------------------------------------------------------------------------------------
+# the key layout shared by the cache and the mask
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sections:
+    """Keys returned for ``new`` queries after ``past`` cached tokens (``total = past + new``).
+
+    ``[0, rebuilt)``: tokens some query sees from their features (older than ``window`` for the
+    last query); then the exact tokens ``[exact_start, total)`` (newer than ``window`` for some
+    query). The two overlap only when ``new > 1``.
+    """
+
+    total: int
+    rebuilt: int
+    exact_start: int
+
+    @classmethod
+    def of(cls, past: int, new: int, window: int) -> "Sections":
+        total = past + new
+        return cls(total, max(0, total - window), max(0, past - window + 1))
+
+    @property
+    def length(self) -> int:
+        return self.rebuilt + self.total - self.exact_start
+
+    @property
+    def overlapping(self) -> bool:
+        return self.length != self.total
+
+    def sequence_index(self, kv: torch.Tensor) -> torch.Tensor:
+        """Sequence position of each returned key index."""
+        return torch.where(kv < self.rebuilt, kv, kv - self.rebuilt + self.exact_start)
+
+
+def lowrank_kv_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    config=None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask for the two key sections (see module docstring); plain ``sdpa_mask`` otherwise.
+
+    The model's own mask function (causal, sliding window) and the padding mask are evaluated at
+    each key's sequence position, then the window rule picks the rebuilt or the exact copy.
+    """
+    total = int(q_offset) + q_length
+    if kv_offset or kv_length == total:  # no overlap: an ordinary cache or no cache at all
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+        )  # fmt: skip
+    window = KVSettings.of(config).window
+    sections = Sections.of(int(q_offset), q_length, window)
+    if kv_length != sections.length:
+        raise RuntimeError(f"low-rank KV mask: {kv_length} keys, the cache layout has {sections.length}")
+    padding = prepare_padding_mask(attention_mask, total, 0)
+
+    def banded(batch_idx, head_idx, q_idx, kv_idx):
+        s = sections.sequence_index(kv_idx)
+        rebuilt = kv_idx < sections.rebuilt
+        allowed = mask_function(batch_idx, head_idx, q_idx, s) & torch.where(rebuilt, q_idx - s >= window, q_idx - s < window)
+        return allowed if padding is None else allowed & padding[batch_idx, s]
+
+    kwargs.update(allow_is_causal_skip=False, use_vmap=False)
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=0,
+        mask_function=banded, attention_mask=None, **kwargs,
+    )  # fmt: skip
+
+
+def lowrank_kv_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA over the sections the cache returned, in query chunks when the mask is materialised.
+
+    A prefill's banded mask has ``2T - window`` keys per query; chunking the queries keeps the
+    attention weights of a 4k-token prefill in a few hundred MB instead of gigabytes.
+    """
+    q_length = query.shape[2]
+    if attention_mask is None or q_length <= QUERY_CHUNK:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [
+        sdpa_attention_forward(
+            module, query[:, :, i : i + QUERY_CHUNK], key, value, attention_mask[:, :, i : i + QUERY_CHUNK], **kwargs
+        )[0]
+        for i in range(0, q_length, QUERY_CHUNK)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, lowrank_kv_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lowrank_kv_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------
+class FeatureStore:
+    """Features of one projection's old tokens ``[batch, tokens, rank]``: fp16, or quantized per
+    token in groups along the rank with :func:`mqc.quant.quantize` (codes, fp16 scales, zeros)."""
+
+    def __init__(self, rank: int, settings: KVSettings):
+        self.rank, self.bits, self.group_size = rank, settings.quant_bits, settings.group_size
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return next(iter(self.parts.values())).shape[1] if self.parts else 0
+
+    def _encode(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.bits is None:
+            return {"values": features.to(torch.float16)}
+        batch, tokens, rank = features.shape
+        qw = quant.quantize(features.reshape(batch * tokens, rank).float(), self.bits, self.group_size)
+        return {
+            name: tensor.reshape(batch, tokens, *tensor.shape[1:])
+            for name, tensor in (("qweight", qw.qweight), ("scales", qw.scales), ("qzeros", qw.qzeros))
+        }
+
+    def append(self, features: torch.Tensor) -> None:
+        if features.shape[1] == 0:
+            return
+        new = self._encode(features)
+        self.parts = new if not self.parts else {k: torch.cat([self.parts[k], v], dim=1) for k, v in new.items()}
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        """All stored features, decoded to ``dtype``."""
+        if self.bits is None:
+            return self.parts["values"].to(dtype)
+        batch, tokens = self.parts["scales"].shape[:2]
+        flat = {k: v.flatten(0, 1) for k, v in self.parts.items()}
+        qw = quant.QuantizedWeight(flat["qweight"], flat["scales"], flat["qzeros"], self.bits, self.group_size, self.rank)
+        return quant.dequantize(qw).reshape(batch, tokens, self.rank).to(dtype)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.parts = {k: v.index_select(0, index.to(v.device)) for k, v in self.parts.items()}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+class LowRankKVLayer(CacheLayerMixin):
+    """One layer's bi-branch cache: exact window K/V (+ pending features) and compressed features."""
+
+    def __init__(self, cache: "LowRankKVCache", site: KVSite, settings: KVSettings):
+        super().__init__()
+        self.cache, self.site, self.window = cache, site, settings.window
+        self.head_dim = site.attention.head_dim
+        self.k_store = FeatureStore(site.k_proj.rank, settings)
+        self.v_store = FeatureStore(site.v_proj.rank, settings)
+        self.pending_k: torch.Tensor | None = None  # features of the window tokens [b, w, r_k]
+        self.pending_v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.pending_k = key_states.new_zeros(key_states.shape[0], 0, self.site.k_proj.rank)
+        self.pending_v = key_states.new_zeros(key_states.shape[0], 0, self.site.v_proj.rank)
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return len(self.k_store) + (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return Sections.of(self.get_seq_length(), query_length, self.window).length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        sections = Sections.of(self.get_seq_length(), key_states.shape[-2], self.window)
+        exact_k = torch.cat([self.keys, key_states], dim=-2)
+        exact_v = torch.cat([self.values, value_states], dim=-2)
+        pending_k = torch.cat([self.pending_k, self.site.k_proj.take_features()], dim=1)
+        pending_v = torch.cat([self.pending_v, self.site.v_proj.take_features()], dim=1)
+        evict = max(0, exact_k.shape[-2] - self.window)
+        self.k_store.append(pending_k[:, :evict])
+        self.v_store.append(pending_v[:, :evict])
+        self.keys, self.values = exact_k[..., evict:, :], exact_v[..., evict:, :]
+        self.pending_k, self.pending_v = pending_k[:, evict:], pending_v[:, evict:]
+        first_exact = sections.exact_start - (sections.total - exact_k.shape[-2])
+        exact_k, exact_v = exact_k[..., first_exact:, :], exact_v[..., first_exact:, :]
+        if not sections.rebuilt:
+            return exact_k, exact_v
+        old_k, old_v = self._rebuild(sections.rebuilt)
+        return torch.cat([old_k, exact_k], dim=-2), torch.cat([old_v, exact_v], dim=-2)
+
+    def _heads(self, flat: torch.Tensor) -> torch.Tensor:
+        """[b, t, heads*d] -> [b, t, heads, d]"""
+        return flat.reshape(*flat.shape[:2], -1, self.head_dim)
+
+    def _rebuild(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE K and V of the ``count`` compressed tokens, as the attention module would have made them."""
+        if len(self.k_store) != count:
+            raise RuntimeError(f"layer {self.site.layer}: {len(self.k_store)} compressed tokens, the layout expects {count}")
+        keys = self._heads(self.site.k_proj.rebuild(self.k_store.read(self.dtype)))
+        k_norm = getattr(self.site.attention, "k_norm", None)
+        if k_norm is not None:
+            keys = k_norm(keys)
+        keys = keys.transpose(1, 2)
+        cos, sin = self.cache.rope(count, keys)
+        keys = keys * cos + rotate_half(keys) * sin
+        values = self._heads(self.site.v_proj.rebuild(self.v_store.read(self.dtype))).transpose(1, 2)
+        return keys, values
+
+    def reset(self) -> None:
+        self.keys = self.values = self.pending_k = self.pending_v = None
+        self.k_store.parts, self.v_store.parts = {}, {}
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        index = beam_idx.to(self.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.pending_k, self.pending_v = self.pending_k.index_select(0, index), self.pending_v.index_select(0, index)
+        self.k_store.select(index)
+        self.v_store.select(index)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this layer holds now, by branch (the window counted at its real dtype)."""
+        window = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pending_k, self.pending_v))
+        return {"window": window if self.is_initialized else 0, "compressed": self.k_store.nbytes() + self.v_store.nbytes()}
+
+
+class LowRankKVCache(Cache):
+    """The bi-branch cache of a compiled model: one :class:`LowRankKVLayer` per compressed layer.
+
+    Also keeps each token's position (int32 ``[batch, tokens]``): rebuilt keys get RoPE at the
+    position their token had, whatever left padding did to the position ids.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        settings = KVSettings.of(model.config)
+        sites = lowrank_sites(model)
+        if not sites:
+            raise UnsupportedModelError("the model has no low-rank K/V projections; compile it with a kv recipe")
+        if [s.layer for s in sites] != list(range(len(sites))):
+            raise UnsupportedModelError("low-rank KV needs every attention layer compressed, in order")
+        super().__init__(layers=[LowRankKVLayer(self, site, settings) for site in sites])
+        self.rotary = model.base_model.rotary_emb
+        self.positions: torch.Tensor | None = None
+        self._rope_memo: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+
+    def begin_forward(self, position_ids: torch.Tensor | None, batch: int, new: int, device: torch.device) -> None:
+        """Record the positions of the ``new`` tokens of the coming forward (the model's own
+        default, ``past + arange(new)``, when none are given)."""
+        past = self.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new, device=device)[None]
+        position_ids = position_ids.to(torch.int32).expand(batch, new)
+        self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], dim=1)
+        self._rope_memo = None
+
+    def rope(self, count: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[b, 1, count, d]`` of the first ``count`` tokens; computed once per forward."""
+        if self.positions is None or self.positions.shape[1] < count:
+            raise RuntimeError("LowRankKVCache has no positions for this forward; use it through the compiled model")
+        memo = self._rope_memo
+        if memo is None or memo[0] != count or memo[1] != self.positions.shape[1]:
+            cos, sin = self.rotary(like, self.positions[:, :count].long())
+            memo = self._rope_memo = (count, self.positions.shape[1], cos.unsqueeze(1), sin.unsqueeze(1))
+        return memo[2].to(like.dtype), memo[3].to(like.dtype)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+            self._rope_memo = None
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held now: exact window (real dtype), compressed features, positions."""
+        per_layer = [layer.nbytes() for layer in self.layers]
+        positions = 0 if self.positions is None else self.positions.numel() * self.positions.element_size()
+        return {
+            "window": sum(p["window"] for p in per_layer),
+            "compressed": sum(p["compressed"] for p in per_layer),
+            "positions": positions,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# installation on a model
+# --------------------------------------------------------------------------------------------
+def _token_shape(args: tuple, kwargs: dict) -> tuple[int, int, torch.device]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    tokens = ids if ids is not None else kwargs["inputs_embeds"]
+    return tokens.shape[0], tokens.shape[1], tokens.device
+
+
+def _use_lowrank_cache(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: give the forward a :class:`LowRankKVCache` where HF would use a fresh
+    ``DynamicCache``, and tell the cache this forward's positions."""
+    use_cache = kwargs.get("use_cache")
+    if use_cache is False or (use_cache is None and not model.config.use_cache):
+        return None
+    past = kwargs.get("past_key_values")
+    fresh = type(past) is DynamicCache and past.get_seq_length() == 0 and not getattr(past, "_is_user_defined", False)
+    if past is None or fresh:
+        past = kwargs["past_key_values"] = LowRankKVCache(model)
+    if isinstance(past, LowRankKVCache):
+        batch, new, device = _token_shape(args, kwargs)
+        past.begin_forward(kwargs.get("position_ids"), batch, new, device)
+    return args, kwargs
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"low-rank KV cache does not support model type {model_type!r} (it rebuilds keys with one rotary "
+            f"embedding and SDPA); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def install(model: torch.nn.Module, settings: KVSettings | None = None) -> None:
+    """Make ``model`` use the low-rank cache: settings in its config, the registered attention,
+    and the cache hook (idempotent)."""
+    check_supported(model)
+    if settings is not None:
+        setattr(model.config, CONFIG_ATTR, asdict(settings))
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if not any(hook is _use_lowrank_cache for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_use_lowrank_cache, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------------------------
+# accounting
+# --------------------------------------------------------------------------------------------
+def kv_accounting(model: torch.nn.Module, context: int | None = None) -> dict[str, Any] | None:
+    """KV-cache bytes per token per layer before (fp16 K/V) and after (compressed features), and,
+    with ``context``, the bytes of a whole cache of that many tokens (window, features, positions).
+
+    Returns None for a model without low-rank K/V. See the module docstring for what is counted.
+    """
+    sites = lowrank_sites(model)
+    if not sites:
+        return None
+    settings = KVSettings.of(model.config)
+    rows = []
+    for site in sites:
+        k, v = site.k_proj, site.v_proj
+        before = (k.out_features + v.out_features) * FULL_BYTES
+        rows.append(
+            {
+                "layer": site.layer,
+                "k_rank": k.rank,
+                "v_rank": v.rank,
+                "k_width": k.out_features,
+                "v_width": v.out_features,
+                "bytes_per_token_before": before,
+                "bytes_per_token_after": settings.feature_bytes(k.rank) + settings.feature_bytes(v.rank),
+                "window_bytes_per_token": before + (k.rank + v.rank) * FULL_BYTES,
+            }
+        )
+    before = sum(r["bytes_per_token_before"] for r in rows)
+    after = sum(r["bytes_per_token_after"] for r in rows)
+    result: dict[str, Any] = {
+        **asdict(settings),
+        "layers": rows,
+        "bytes_per_token_before": before,
+        "bytes_per_token_after": after,
+        "position_bytes_per_token": POSITION_BYTES,
+        "reduction": 1.0 - (after + POSITION_BYTES) / before,
+    }
+    if context is not None:
+        in_window = min(context, settings.window)
+        total = sum(in_window * r["window_bytes_per_token"] for r in rows) + (context - in_window) * after
+        total += context * POSITION_BYTES
+        result.update(context=context, cache_bytes_before=context * before, cache_bytes_after=total)
+        result["reduction_at_context"] = 1.0 - total / (context * before)
+    return result
