@@ -162,13 +162,12 @@ def n_blocks(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def check_finite(weight: torch.Tensor, name: str) -> None:
+def check_finite(weight: torch.Tensor, name: str | None = None) -> None:
     """Refuse NaN/Inf weights: quantizing them would silently poison every group they touch."""
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
-        raise InvalidWeightsError(
-            f"layer {name!r} has {bad} NaN/Inf weights; repair or re-export the checkpoint first"
-        )
+        what = f"layer {name!r}" if name else f"a weight of shape {tuple(weight.shape)}"
+        raise InvalidWeightsError(f"{what} has {bad} NaN/Inf weights; repair or re-export the checkpoint first")
 
 
 def _check_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
@@ -178,6 +177,7 @@ def _check_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
         raise ValueError(f"cannot quantize to {bits} bits; use one of {QUANT_BITS}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group size {group_size} not supported; use one of {GROUP_SIZES}")
+    check_finite(weight)
 
 
 def _grouped(weight: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
@@ -347,7 +347,9 @@ def quantize_layer(
     layer's inputs) is given, round-to-nearest otherwise."""
     q, z, s, target = _quantize_any(weight, bits, group_size, outlier_mask, hessian)
     qw = _pack_codes(q, z, s, bits, group_size, weight.shape[1])
-    return qw, None if outlier_mask is None else extract_outliers(target, qw, outlier_mask)
+    if outlier_mask is None or not outlier_mask.any():  # no outliers: store no CSR at all
+        return qw, None
+    return qw, extract_outliers(target, qw, outlier_mask)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
