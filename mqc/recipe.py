@@ -29,6 +29,10 @@ class CalibRecipe:
     seed: int = 0
     file: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise RecipeError(f"calib needs n_samples >= 1 and seq_len >= 2, got {self.n_samples} and {self.seq_len}")
+
 
 @dataclass(frozen=True)
 class Pin:
@@ -88,8 +92,14 @@ class Recipe:
         bad = [b for b in self.allowed_bits if b not in SUPPORTED_BITS]
         if bad or not self.allowed_bits:
             raise RecipeError(f"allowed_bits {self.allowed_bits} must be a non-empty subset of {SUPPORTED_BITS}")
+        if not self.bits > 0:
+            raise RecipeError(f"bits {self.bits} must be positive")
         if self.budget_bytes is not None and self.budget_frac is not None:
             raise RecipeError("give at most one of budget_bytes and budget_frac")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise RecipeError(f"budget_bytes {self.budget_bytes} must be positive")
+        if self.budget_frac is not None and not 0.0 < self.budget_frac <= 1.0:
+            raise RecipeError(f"budget_frac {self.budget_frac} must be a fraction of the fp16 size in (0, 1]")
         if not 0.0 <= self.outlier_frac < 0.5:
             raise RecipeError(f"outlier_frac {self.outlier_frac} must be in [0, 0.5)")
         if self.sensitivity not in ("first_order", "fisher"):
@@ -103,6 +113,10 @@ class Recipe:
                 raise RecipeError(f"kv rank {self.kv.rank} must be a fraction in (0, 1]")
             if self.kv.quant_bits is not None and self.kv.quant_bits not in (2, 4, 8):
                 raise RecipeError(f"kv quant_bits {self.kv.quant_bits} must be 2, 4 or 8")
+            if self.kv.window < 1 or self.kv.train_steps < 0:
+                raise RecipeError(f"kv window ({self.kv.window}) must be >= 1 and train_steps ({self.kv.train_steps}) >= 0")
+            if self.kv.budget_frac is not None and not 0.0 < self.kv.budget_frac <= 1.0:
+                raise RecipeError(f"kv budget_frac {self.kv.budget_frac} must be a fraction in (0, 1]")
         for pin in self.pins:
             if pin.min_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")
