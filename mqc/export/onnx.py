@@ -1,0 +1,335 @@
+"""ONNX export of compiled (or plain) models and greedy generation with onnxruntime alone.
+
+``export_onnx(model, tokenizer, out_dir)`` writes a directory::
+
+    model.onnx          decode-step graph: input_ids, attention_mask, past_key_values.* ->
+                        logits, present.*; any past length, 0 included (onnxruntime-genai's entry)
+    prefill.onnx        prompt graph: input_ids, attention_mask -> logits, present.*
+    model.onnx.data     the weights, stored once, referenced by both graphs
+    genai_config.json   onnxruntime-genai's configuration (og.Model(dir) loads the folder)
+    mqc_onnx.json       what mqc exported: formats per layer, KV layout, sizes, options
+    tokenizer files
+
+The directory is written next to its destination and renamed into place; an existing one is
+replaced only with ``force``. Every graph passes ``onnx.checker`` before the rename.
+
+``accuracy_level`` is ``MatMulNBits``' compute type for its activations. The default, 4, lets
+onnxruntime quantize each block of activations to int8 on the fly and use integer dot products
+(VNNI/AMX on x86, i8mm/dotprod on Arm): the fastest CPU path, at the cost of activation
+rounding (a relative logit error of the order of 1e-3 on the default model). ``accuracy_level=0``
+keeps float32 activations (onnxruntime dequantizes the weights per block, no activation rounding).
+The parity tests use 0 for exactness and 4 with a looser bound; the benchmark measures both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from mqc import __version__
+from mqc.errors import ArtifactError, DataError, MqcError
+from mqc.export.decoder import DecoderGraph, DecoderSpec
+from mqc.export.graph import GraphBuilder, WeightStore
+
+DECODE_GRAPH = "model.onnx"
+PREFILL_GRAPH = "prefill.onnx"
+DATA_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+MQC_CONFIG = "mqc_onnx.json"
+DEFAULT_ACCURACY_LEVEL = 4
+ACCURACY_LEVELS = (0, 1, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of ``out`` that becomes ``out`` when the block succeeds."""
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; choose another output directory or pass force=True (--force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "export")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unwrap(model) -> tuple[torch.nn.Module, Any]:
+    """(module, tokenizer) of a CompiledModel or a plain module."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module) and hasattr(model, "recipe"):
+        return inner, getattr(model, "tokenizer", None)
+    return model, None
+
+
+def export_onnx(
+    model,
+    tokenizer: Any = None,
+    out_dir: str | os.PathLike = "out/onnx",
+    force: bool = False,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+) -> Path:
+    """Export ``model`` (an :class:`mqc.CompiledModel`, a model loaded by ``mqc.load``, or a plain
+    Hugging Face model of a supported family) to ``out_dir`` for onnxruntime; see the module
+    docstring for the layout and ``accuracy_level``."""
+    module, own_tokenizer = _unwrap(model)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise MqcError(f"accuracy_level {accuracy_level} not supported; use one of {ACCURACY_LEVELS}")
+    spec = DecoderSpec.of(module)
+    out = Path(out_dir)
+    weights = WeightStore()
+    with torch.no_grad():
+        graphs = {
+            PREFILL_GRAPH: DecoderGraph(module, weights, accuracy_level, with_past=False).build(),
+            DECODE_GRAPH: DecoderGraph(module, weights, accuracy_level, with_past=True).build(),
+        }
+    with _atomic_dir(out, force) as tmp:
+        names = list(dict.fromkeys(n for g in graphs.values() for n in g.used_weights))
+        offsets = weights.write(tmp / DATA_FILE, names)
+        for filename, graph in graphs.items():
+            _save_graph(graph, tmp / filename, offsets)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(module, spec, graphs[DECODE_GRAPH]), indent=2))
+        (tmp / MQC_CONFIG).write_text(json.dumps(mqc_config(module, spec, accuracy_level, tmp), indent=2))
+    return out
+
+
+def _save_graph(graph: GraphBuilder, path: Path, offsets: dict[str, int]) -> None:
+    proto = graph.model(DATA_FILE, offsets, producer=f"mqc {__version__}")
+    onnx.save_model(proto, path)
+    onnx.checker.check_model(str(path))
+
+
+def _token_ids(model: torch.nn.Module) -> tuple[Any, Any, Any]:
+    """(bos, eos, pad) from the generation config where it has them, else the model config."""
+    sources = [getattr(model, "generation_config", None), model.config]
+    pick = lambda key: next((getattr(s, key) for s in sources if getattr(s, key, None) is not None), None)  # noqa: E731
+    return pick("bos_token_id"), pick("eos_token_id"), pick("pad_token_id")
+
+
+def genai_config(model: torch.nn.Module, spec: DecoderSpec, decode: GraphBuilder) -> dict[str, Any]:
+    """onnxruntime-genai's ``genai_config.json`` for the decode graph (greedy search defaults)."""
+    bos, eos, pad = _token_ids(model)
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": spec.max_positions,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": DECODE_GRAPH,
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": spec.n_heads,
+                "num_hidden_layers": spec.n_layers,
+                "num_key_value_heads": spec.n_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": spec.model_type,
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": spec.max_positions,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def _layer_formats(module: torch.nn.Module) -> dict[str, str]:
+    from mqc.runtime.modules import QLinear
+
+    formats = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, QLinear):
+            kind = "MatMulNBits" if sub.bits != 3 else "MatMulNBits (3-bit re-encoded as 4-bit, exact)"
+            formats[name] = f"{kind} bits={sub.bits} g={sub.group_size} outliers={sub.n_outliers}"
+        elif isinstance(sub, torch.nn.Linear):
+            formats[name] = "MatMul float"
+    return formats
+
+
+def mqc_config(module: torch.nn.Module, spec: DecoderSpec, accuracy_level: int, root: Path) -> dict[str, Any]:
+    return {
+        "format": "mqc-onnx",
+        "mqc_version": __version__,
+        "model_type": spec.model_type,
+        "graphs": {"prefill": PREFILL_GRAPH, "decode": DECODE_GRAPH, "weights": DATA_FILE},
+        "accuracy_level": accuracy_level,
+        "layers": _layer_formats(module),
+        "bytes": {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# inference
+# --------------------------------------------------------------------------------------------
+def providers() -> list[str]:
+    """CUDA when this onnxruntime build has it (onnxruntime-gpu), then the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@dataclass
+class Step:
+    """Logits of one forward and the cache state it left."""
+
+    logits: np.ndarray  # [B, S, V]
+    state: dict[str, np.ndarray]  # past_key_values.* of the next step
+    length: int  # tokens in the cache
+
+
+class OnnxLM:
+    """The two graphs of an export as onnxruntime sessions: prefill, then decode steps."""
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, provider_list: Sequence[str] | None = None):
+        import onnxruntime as ort
+
+        self.root = Path(onnx_dir)
+        if not (self.root / DECODE_GRAPH).is_file():
+            raise ArtifactError(f"{self.root} has no {DECODE_GRAPH}; export one with `mqc export ARTIFACT --onnx DIR`")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        chosen = list(provider_list or providers())
+        self.decode = ort.InferenceSession(str(self.root / DECODE_GRAPH), options, providers=chosen)
+        prefill = self.root / PREFILL_GRAPH
+        self.prefill_session = ort.InferenceSession(str(prefill), options, providers=chosen) if prefill.is_file() else None
+        self.config = json.loads((self.root / GENAI_CONFIG).read_text()) if (self.root / GENAI_CONFIG).is_file() else {}
+        self.state_inputs = [i for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def empty_state(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length past tensors for the decode graph (its dynamic dims: batch, then 0)."""
+        state = {}
+        for item in self.state_inputs:
+            dims = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(item.shape)]
+            state[item.name] = np.zeros(dims, dtype=np.float32)
+        return state
+
+    @staticmethod
+    def _next_state(names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names, outputs) if n.startswith("present.")}
+
+    def prefill(self, ids: np.ndarray) -> Step:
+        """Run the prompt ``ids [B, S]`` (int64) from an empty cache."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if self.prefill_session is None:
+            return self._decode(feeds, self.empty_state(ids.shape[0]), ids.shape[1])
+        names = [o.name for o in self.prefill_session.get_outputs()]
+        outputs = self.prefill_session.run(names, feeds)
+        return Step(outputs[names.index("logits")], self._next_state(names, outputs), ids.shape[1])
+
+    def step(self, ids: np.ndarray, previous: Step) -> Step:
+        """Run ``ids [B, S]`` after the cache of ``previous``."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        total = previous.length + ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64)}
+        return self._decode(feeds, previous.state, total)
+
+    def _decode(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], total: int) -> Step:
+        names = [o.name for o in self.decode.get_outputs()]
+        outputs = self.decode.run(names, {**feeds, **state})
+        return Step(outputs[names.index("logits")], self._next_state(names, outputs), total)
+
+    def eos_ids(self) -> set[int]:
+        eos = self.config.get("model", {}).get("eos_token_id")
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, stop_at_eos: bool = True) -> np.ndarray:
+        """Greedy continuation ``[B, <= max_new_tokens]`` of the prompts ``ids [B, S]``."""
+        eos = self.eos_ids() if stop_at_eos else set()
+        result = self.prefill(ids)
+        tokens: list[np.ndarray] = []
+        for _ in range(max_new_tokens):
+            token = result.logits[:, -1].argmax(-1)
+            tokens.append(token)
+            if eos and all(int(t) in eos for t in token):
+                break
+            if len(tokens) == max_new_tokens:
+                break
+            result = self.step(token[:, None], result)
+        return np.stack(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), dtype=np.int64)
+
+
+def _prompt_ids(onnx_dir: Path, prompt) -> np.ndarray:
+    if isinstance(prompt, str):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(onnx_dir, local_files_only=True)
+        except (OSError, ValueError):
+            raise DataError(f"{onnx_dir} has no tokenizer files; pass token ids instead of text") from None
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = prompt.tolist() if isinstance(prompt, (torch.Tensor, np.ndarray)) else list(prompt)
+    array = np.asarray(ids, dtype=np.int64)
+    array = array[None] if array.ndim == 1 else array
+    if array.size == 0:
+        raise DataError("the prompt is empty; give at least one token")
+    return array
+
+
+def onnx_generate(
+    onnx_dir: str | os.PathLike,
+    prompt: str | Sequence[int] | torch.Tensor | np.ndarray,
+    max_new_tokens: int = 32,
+    stop_at_eos: bool = True,
+    threads: int | None = None,
+) -> list[int] | list[list[int]]:
+    """Greedy decoding of ``prompt`` (text, using the exported tokenizer, or token ids ``[S]`` /
+    ``[B, S]``) with onnxruntime alone; returns the new token ids (one list per prompt row for a
+    2-D prompt)."""
+    root = Path(onnx_dir)
+    ids = _prompt_ids(root, prompt)
+    out = OnnxLM(root, threads=threads).generate(ids, max_new_tokens, stop_at_eos).tolist()
+    two_d = not isinstance(prompt, str) and np.asarray(prompt).ndim == 2
+    return out if two_d else out[0]
