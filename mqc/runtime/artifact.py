@@ -10,8 +10,9 @@ Layout::
     tokenizer files     when the model came with a tokenizer
 
 A directory is written next to its destination and renamed into place, so a crash never leaves
-half an artifact; an existing artifact is replaced only with ``force``. Tensors that share
-storage (tied weights) are stored once and listed under ``aliases``.
+half an artifact; an existing artifact is replaced only with ``force``, and never a directory
+that is not an mqc artifact (``--force --out ~`` must not delete a home directory). Tensors that
+share storage (tied weights) are stored once and listed under ``aliases``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -37,6 +38,7 @@ FORMAT = "mqc-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
+_REQUIRED = ("tensors", "modules", "aliases", "plan", "recipe", "attn_implementation", "tokenizer")
 
 
 def sha256_of(path: Path) -> str:
@@ -75,8 +77,7 @@ def runtime_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
     """Write ``compiled`` (a :class:`mqc.api.CompiledModel`) to ``out_dir`` atomically."""
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = compiled.model
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -109,16 +110,37 @@ def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():  # force: swap the new directory in, then drop the old one
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "artifact")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            _swap_in(tmp, out)
         else:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    is_artifact = out.is_dir() and (out / MANIFEST).is_file()
+    if not is_artifact and not (out.is_dir() and not any(out.iterdir())):
+        raise ArtifactError(f"{out} exists and is not an mqc artifact; not replacing it even with --force, choose another --out")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the artifact at ``out`` by ``new``; if the move fails, the old one is put back."""
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    try:
+        os.replace(out, old / "artifact")
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(old / "artifact", out)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -140,7 +162,15 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{root} has artifact format version {manifest.get('format_version')}, this mqc "
             f"({__version__}) reads version {FORMAT_VERSION}; recompile it with this mqc"
         )
-    tensor_path = root / manifest["tensors"]["file"]
+    missing = [key for key in _REQUIRED if key not in manifest]
+    tensors = manifest.get("tensors")
+    if not missing and not (isinstance(tensors, dict) and {"file", "size", "sha256"} <= set(tensors)):
+        missing = ["tensors.file/size/sha256"]
+    if missing:
+        raise ArtifactError(f"{manifest_path} lacks {missing[0]!r}; the artifact is incomplete, recompile it")
+    if Path(tensors["file"]).name != tensors["file"]:
+        raise ArtifactError(f"{manifest_path} names tensor file {tensors['file']!r} outside the artifact; recompile it")
+    tensor_path = root / tensors["file"]
     if not tensor_path.is_file():
         raise ArtifactError(f"{tensor_path} is missing; the artifact is incomplete, recompile it")
     size = tensor_path.stat().st_size
@@ -158,7 +188,7 @@ def load(path: str | os.PathLike):
     """(model, tokenizer or None) of an artifact; the model generates as the compiled one did."""
     root = Path(path)
     manifest = read_manifest(root)
-    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    config = _read_part(root, "config.json", lambda: AutoConfig.from_pretrained(root, local_files_only=True))
     model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
     model = model.float().eval()
     # Owned modules first: a tied embedding refers to the module that owns its table.
@@ -186,5 +216,16 @@ def load(path: str | os.PathLike):
             if target.shape != tensor.shape:
                 raise ArtifactError(f"{root}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
             target.copy_(tensor.to(target.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True) if manifest["tokenizer"] else None
+    tokenizer = None
+    if manifest["tokenizer"]:
+        tokenizer = _read_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, local_files_only=True))
     return model, tokenizer
+
+
+def _read_part(root: Path, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with transformers' errors for missing or broken files turned into ArtifactError."""
+    try:
+        return read()
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ArtifactError(f"{root}: cannot read the {what} ({first}); recompile the artifact") from None
