@@ -69,10 +69,12 @@ class KVSettings:
     group_size: int = FEATURE_GROUP_SIZE
 
     @classmethod
-    def of(cls, config) -> "KVSettings":
+    def of(cls, config) -> KVSettings:
         data = getattr(config, CONFIG_ATTR, None)
         if data is None:
-            raise UnsupportedModelError("this model has no low-rank KV settings (config.mqc_kv); compile it with a kv recipe")
+            raise UnsupportedModelError(
+                "this model has no low-rank KV settings (config.mqc_kv); compile it with a kv recipe"
+            )
         return cls(**data)
 
     def feature_bytes(self, rank: int) -> int:
@@ -106,7 +108,7 @@ class LowRankKVProj(torch.nn.Module):
     @classmethod
     def from_factors(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor
-    ) -> "LowRankKVProj":
+    ) -> LowRankKVProj:
         module = cls(weight.shape[0], weight.shape[1], down.shape[0], bias is not None)
         with torch.no_grad():
             for name, value in (("weight", weight), ("bias", bias), ("down", down), ("up", up)):
@@ -115,18 +117,23 @@ class LowRankKVProj(torch.nn.Module):
         return module
 
     def config(self) -> dict[str, Any]:
-        return dict(
-            out_features=self.out_features, in_features=self.in_features, rank=self.rank, has_bias=self.bias is not None
-        )
+        return {
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "rank": self.rank,
+            "has_bias": self.bias is not None,
+        }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "LowRankKVProj":
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> LowRankKVProj:
         install(model)  # a loaded artifact gets its cache hook back with its first projection
         return cls(**config)
 
     def rebuild(self, features: torch.Tensor) -> torch.Tensor:
         """``B c + b``: the approximate projection output of tokens known only by their features."""
-        return F.linear(features, self.up.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype))
+        return F.linear(
+            features, self.up.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype)
+        )
 
     def take_features(self) -> torch.Tensor:
         features, self.features = self.features, None
@@ -179,7 +186,7 @@ class Sections:
     exact_start: int
 
     @classmethod
-    def of(cls, past: int, new: int, window: int) -> "Sections":
+    def of(cls, past: int, new: int, window: int) -> Sections:
         total = past + new
         return cls(total, max(0, total - window), max(0, past - window + 1))
 
@@ -227,7 +234,9 @@ def lowrank_kv_mask(
     def banded(batch_idx, head_idx, q_idx, kv_idx):
         s = sections.sequence_index(kv_idx)
         rebuilt = kv_idx < sections.rebuilt
-        allowed = mask_function(batch_idx, head_idx, q_idx, s) & torch.where(rebuilt, q_idx - s >= window, q_idx - s < window)
+        allowed = mask_function(batch_idx, head_idx, q_idx, s) & torch.where(
+            rebuilt, q_idx - s >= window, q_idx - s < window
+        )
         return allowed if padding is None else allowed & padding[batch_idx, s]
 
     kwargs.update(allow_is_causal_skip=False, use_vmap=False)
@@ -295,7 +304,9 @@ class FeatureStore:
             return self.parts["values"].to(dtype)
         batch, tokens = self.parts["scales"].shape[:2]
         flat = {k: v.flatten(0, 1) for k, v in self.parts.items()}
-        qw = quant.QuantizedWeight(flat["qweight"], flat["scales"], flat["qzeros"], self.bits, self.group_size, self.rank)
+        qw = quant.QuantizedWeight(
+            flat["qweight"], flat["scales"], flat["qzeros"], self.bits, self.group_size, self.rank
+        )
         return quant.dequantize(qw).reshape(batch, tokens, self.rank).to(dtype)
 
     def select(self, index: torch.Tensor) -> None:
@@ -308,7 +319,7 @@ class FeatureStore:
 class LowRankKVLayer(CacheLayerMixin):
     """One layer's bi-branch cache: exact window K/V (+ pending features) and compressed features."""
 
-    def __init__(self, cache: "LowRankKVCache", site: KVSite, settings: KVSettings):
+    def __init__(self, cache: LowRankKVCache, site: KVSite, settings: KVSettings):
         super().__init__()
         self.cache, self.site, self.window = cache, site, settings.window
         self.head_dim = site.attention.head_dim
@@ -361,7 +372,9 @@ class LowRankKVLayer(CacheLayerMixin):
     def _rebuild(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE K and V of the ``count`` compressed tokens, as the attention module would have made them."""
         if len(self.k_store) != count:
-            raise RuntimeError(f"layer {self.site.layer}: {len(self.k_store)} compressed tokens, the layout expects {count}")
+            raise RuntimeError(
+                f"layer {self.site.layer}: {len(self.k_store)} compressed tokens, the layout expects {count}"
+            )
         keys = self._heads(self.site.k_proj.rebuild(self.k_store.read(self.dtype)))
         k_norm = getattr(self.site.attention, "k_norm", None)
         if k_norm is not None:
@@ -389,7 +402,10 @@ class LowRankKVLayer(CacheLayerMixin):
     def nbytes(self) -> dict[str, int]:
         """Bytes this layer holds now, by branch (the window counted at its real dtype)."""
         window = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pending_k, self.pending_v))
-        return {"window": window if self.is_initialized else 0, "compressed": self.k_store.nbytes() + self.v_store.nbytes()}
+        return {
+            "window": window if self.is_initialized else 0,
+            "compressed": self.k_store.nbytes() + self.v_store.nbytes(),
+        }
 
 
 class LowRankKVCache(Cache):
