@@ -41,14 +41,15 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
     """The passes a recipe implies; the manager orders them by their contracts."""
     from mqc.passes.act_stats import ActivationStats
     from mqc.passes.outliers import SelectOutliers
-    from mqc.passes.quantize import QuantizeModules
+    from mqc.passes.quantize import QuantizeModules, SequentialGPTQ
     from mqc.passes.uniform import UniformPlan
     from mqc.passes.units import SelectUnits
 
     calibrated = needs_calibration(recipe)
-    passes: list[Pass] = [SelectUnits(), SelectOutliers(weighted=calibrated), QuantizeModules(gptq=recipe.uses_gptq)]
+    lower = SequentialGPTQ() if recipe.uses_gptq else QuantizeModules()
+    passes: list[Pass] = [SelectUnits(), SelectOutliers(weighted=calibrated), lower]
     if calibrated:
-        passes.append(ActivationStats(hessians=recipe.uses_gptq))
+        passes.append(ActivationStats())
     if recipe.method == "mq":
         from mqc.passes.bit_alloc import AllocateBits
         from mqc.passes.sensitivity import Sensitivity

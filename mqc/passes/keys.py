@@ -7,7 +7,6 @@ GRAPH = "mqc.graph"  # GraphView of the captured model (seeded by mqc.compile)
 CALIB = "mqc.calib"  # LongTensor [n_samples, seq_len] of calibration token ids
 UNITS = "mqc.units"  # dict qualname -> WeightUnit: the weight tensors a plan may quantize
 ACT_STATS = "mqc.act_stats"  # dict qualname -> fp32 [in_features] mean squared input activation
-HESSIANS = "mqc.hessians"  # dict qualname -> fp32 [in, in] mean x x^T (GPTQ only; shared inputs share one)
 SENSITIVITY = "mqc.sensitivity"  # SensitivityTable
 BIT_PLAN = "mqc.bit_plan"  # dict qualname -> LayerPlan
 ALLOCATION = "mqc.allocation"  # AllocationReport of the exact solver
