@@ -103,7 +103,7 @@ def test_tied_qembedding_references_the_head():
     holder.lm_head = QLinear.from_weight(random_weight(0, 50, 96), None, 4, 32)
     holder.embed = QEmbedding.from_config({"tied_to": "lm_head", "embed_scale": None, "table": None}, holder)
     assert holder.embed.table is holder.lm_head and holder.embed.nbytes() == 0
-    assert not list(holder.embed.buffers()) and all(k.startswith("lm_head.") for k in holder.state_dict())
+    assert not holder.embed.state_dict() and all(k.startswith("lm_head.") for k in holder.state_dict())
     ids = torch.tensor([1, 49, 1])
     assert torch.equal(holder.embed(ids), holder.lm_head.dense_weight()[ids])
 
@@ -237,3 +237,18 @@ def test_untied_embedding_with_outliers_owns_its_table(zoo, compiled, token_ids)
     assert torch.equal(embedding(token_ids), embedding.table.dense_weight()[token_ids])
     torch.testing.assert_close(logits(model, token_ids), logits(reference_model(pristine, result), token_ids),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_model_follows_model_to_dtype(zoo, token_ids, dtype):
+    """Quantized buffers keep their storage types; activations, embeddings included, follow the model."""
+    model = zoo.model("llama")
+    mqc.compile(model, mqc.Recipe(bits=4, group_size=32, quantize_embeddings=True), progress=False)
+    reference, dense = logits(model, token_ids), model.lm_head.dense_weight()
+    model.to(dtype)
+    assert model.lm_head.qweight.dtype == torch.uint8 and model.lm_head.scales.dtype == torch.float16
+    assert torch.equal(model.lm_head.dense_weight(), dense)  # the quantized weights did not change
+    assert model.get_input_embeddings()(token_ids).dtype == dtype
+    out = logits(model, token_ids)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)  # half-precision activations

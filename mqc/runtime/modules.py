@@ -71,6 +71,15 @@ class QLinear(torch.nn.Module):
             module.bias.copy_(bias.detach().to(torch.float16))
         return module
 
+    def _apply(self, fn, recurse=True):
+        """Let ``model.to(dtype)``/``.float()``/``.bfloat16()`` move but not cast this layer: its fp16
+        scales, bias and outliers are the stored format (bf16 would drop 3 mantissa bits of every
+        scale); the activations already follow the input's dtype."""
+        probe = fn(torch.empty(0, dtype=torch.float16, device=self.scales.device))
+        if probe.dtype == torch.float16:
+            return super()._apply(fn, recurse)
+        return super()._apply(lambda t: t.to(device=probe.device), recurse)
+
     @property
     def n_outliers(self) -> int:
         return 0 if self.outlier_values is None else self.outlier_values.numel()
@@ -135,6 +144,9 @@ class QEmbedding(torch.nn.Module):
             object.__setattr__(self, "table", table)  # not a submodule: owned by ``tied_to``
         self.tied_to = tied_to
         self.embed_scale = embed_scale
+        # The table is uint8/fp16 and ignores model.to(dtype); this empty buffer follows it, so the
+        # embeddings come out in the model's dtype (else a half model silently runs in float32).
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
 
     def config(self) -> dict[str, Any]:
         return dict(
@@ -162,7 +174,7 @@ class QEmbedding(torch.nn.Module):
             out = out + sparse.dense_rows(rows)
         if self.embed_scale is not None:
             out = out * self.embed_scale
-        return out.reshape(*input_ids.shape, t.in_features)
+        return out.reshape(*input_ids.shape, t.in_features).to(self.dtype_probe.dtype)
 
 
 RUNTIME_MODULES: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (QLinear, QEmbedding)}
