@@ -112,6 +112,26 @@ def rms_norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
     return g.op("Mul", [g.op("Div", [x, denominator]), gamma])
 
 
+@dataclass(frozen=True)
+class CacheState:
+    """One tensor of the cache a decode step carries: ``past_key_values.{name}`` in,
+    ``present.{name}`` out."""
+
+    name: str
+    past_shape: list[int | str]
+    present_shape: list[int | str]
+    elem_type: int = FLOAT
+
+
+@dataclass(frozen=True)
+class Positions:
+    """int64 positions: of the new tokens ``[S]``, of every key ``[T]``, and ``T`` (scalar)."""
+
+    new: str
+    keys: str
+    total: str
+
+
 @dataclass
 class Residual:
     """The carried residual stream: the pending sub-layer output and the running sum."""
@@ -173,7 +193,7 @@ class DecoderGraph:
             stream.pending, stream.total = None, total
             return out
 
-    def _linear(self, x: str, parts: LinearParts) -> str:
+    def linear(self, x: str, parts: LinearParts) -> str:
         return emit_linear(self.g, x, parts, self.accuracy_level)
 
     # ---------------------------------------------------------------- attention
@@ -188,7 +208,7 @@ class DecoderGraph:
             out = self._gqa(i, attn, x)
         else:
             out = self._explicit_attention(i, attn, x)
-        return self._linear(out, linear_parts(f"model.layers.{i}.self_attn.o_proj", attn.o_proj))
+        return self.linear(out, linear_parts(f"model.layers.{i}.self_attn.o_proj", attn.o_proj))
 
     def head_shape(self, attn: torch.nn.Module) -> HeadShape:
         return HeadShape(self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim, float(attn.scaling))
@@ -201,11 +221,11 @@ class DecoderGraph:
         has_qk_norm = getattr(attn, "q_norm", None) is not None
         fused = None if has_qk_norm else fuse(f"{prefix}.qkv_proj", parts)
         if fused is not None:
-            qkv = self._linear(x, fused)
+            qkv = self.linear(x, fused)
             if packed:
                 return qkv, "", ""
             return tuple(self.g.op("Split", [qkv, self.g.const([p.out_features for p in parts])], outputs=3, axis=-1))
-        q, k, v = (self._linear(x, p) for p in parts)
+        q, k, v = (self.linear(x, p) for p in parts)
         if has_qk_norm:
             q = self.head_norm(q, attn.q_norm, f"{prefix}.q_norm", self.spec.n_heads)
             k = self.head_norm(k, attn.k_norm, f"{prefix}.k_norm", self.spec.n_kv_heads)
@@ -214,50 +234,66 @@ class DecoderGraph:
     def head_norm(self, x: str, norm: torch.nn.Module, name: str, heads: int) -> str:
         """RMSNorm over each head of ``x [B, S, heads * d]``."""
         g, d = self.g, self.spec.head_dim
-        with g.scope(name.rsplit(".", 1)[-1]):
-            split = g.op("Reshape", [x, g.const([0, 0, heads, d])])
-            gamma = g.float_weight(f"{name}.weight", norm.weight)
-            normed = rms_norm(g, split, gamma, self.spec.rms_eps)
-            return g.op("Reshape", [normed, g.const([0, 0, heads * d])])
+        split = g.op("Reshape", [x, g.const([0, 0, heads, d])])
+        return g.op("Reshape", [self.last_axis_norm(split, norm, name), g.const([0, 0, heads * d])])
 
-    def past_state(self, name: str, shape: list[int | str] | None = None) -> str:
-        """A past-cache graph input ``past_key_values.{name}`` (decode graph), or "" (prefill)."""
+    def last_axis_norm(self, x: str, norm: torch.nn.Module, name: str) -> str:
+        """RMSNorm of ``x`` over its last axis with ``norm``'s weight (Qwen3's per-head norms)."""
+        with self.g.scope(name.rsplit(".", 1)[-1]):
+            return rms_norm(self.g, x, self.g.float_weight(f"{name}.weight", norm.weight), self.spec.rms_eps)
+
+    def query(self, i: int, attn: torch.nn.Module, x: str) -> str:
+        """The projected (and, for Qwen3, normed) queries ``[B, S, H * d]`` alone."""
+        prefix = f"model.layers.{i}.self_attn"
+        q = self.linear(x, linear_parts(f"{prefix}.q_proj", attn.q_proj))
+        if getattr(attn, "q_norm", None) is not None:
+            q = self.head_norm(q, attn.q_norm, f"{prefix}.q_norm", self.spec.n_heads)
+        return q
+
+    def kv_state(self, name: str) -> CacheState:
+        """The plain K/V cache tensor ``past_key_values.{name}`` / ``present.{name}``."""
+        return CacheState(name, self.spec.kv_shape(PAST), self.spec.kv_shape(TOTAL if self.with_past else SEQ))
+
+    def past_state(self, state: CacheState) -> str:
+        """The state's past-cache graph input (decode graph), or "" (prefill graph)."""
         if not self.with_past:
             return ""
-        return self.g.add_input(f"past_key_values.{name}", FLOAT, shape or self.spec.kv_shape(PAST))
+        return self.g.add_input(f"past_key_values.{state.name}", state.elem_type, state.past_shape)
 
-    def present_state(self, name: str, value: str, shape: list[int | str] | None = None) -> None:
-        """Expose ``value`` as the graph output ``present.{name}``."""
-        length = TOTAL if self.with_past else SEQ
-        self.g.add_output(value, f"present.{name}", FLOAT, shape or self.spec.kv_shape(length))
+    def present_state(self, state: CacheState, value: str) -> None:
+        """Expose ``value`` as the state's graph output ``present.{name}``."""
+        self.g.add_output(value, f"present.{state.name}", state.elem_type, state.present_shape)
 
-    def with_past_state(self, name: str, new: str, axis: int) -> str:
-        """``new`` after the past state ``name`` along ``axis`` (just ``new`` in the prefill graph)."""
-        past = self.past_state(name)
+    def with_past_state(self, state: CacheState, new: str, axis: int) -> str:
+        """``new`` after the past state along ``axis`` (just ``new`` in the prefill graph)."""
+        past = self.past_state(state)
         return self.g.op("Concat", [past, new], axis=axis) if past else new
 
     @functools.cached_property
-    def positions(self) -> tuple[str, str]:
-        """(positions of the new tokens ``[S]``, positions of all keys ``[T]``), int64."""
+    def positions(self) -> Positions:
+        """Positions of the new tokens and of all keys (no left padding)."""
         g = self.g
         with g.scope("positions"):
             new, _, total = new_positions(g, self.ids, self.mask)
-            return new, g.op("Range", [g.const(0), total, g.const(1)])
+            return Positions(new, g.op("Range", [g.const(0), total, g.const(1)]), total)
 
     @functools.lru_cache(maxsize=None)  # noqa: B019  (one builder per graph; cached per window)
     def bias(self, window: int | None) -> str:
         """The causal (sliding-window) additive mask of the explicit attention path."""
         with self.g.scope("causal_mask"):
-            return causal_bias(self.g, *self.positions, self.mask, window)
+            return causal_bias(self.g, self.positions.new, self.positions.keys, self.mask, window)
 
-    def rope(self, x: str) -> str:
-        return rope(self.g, x, self.cos, self.sin, self.positions[0], self.spec.head_dim // 2)
+    def rope(self, x: str, positions: str | None = None) -> str:
+        """RoPE of ``x [B, heads, S, d]`` at ``positions`` (default: the new tokens')."""
+        positions = self.positions.new if positions is None else positions
+        return rope(self.g, x, self.cos, self.sin, positions, self.spec.head_dim // 2)
 
     def _gqa(self, i: int, attn: torch.nn.Module, x: str) -> str:
         g, spec = self.g, self.spec
         q, k, v = self.qkv(i, attn, x, packed=True)
         window = sliding_window(self.model, attn)
-        inputs = [q, k, v, self.past_state(f"{i}.key"), self.past_state(f"{i}.value"),
+        key, value = self.kv_state(f"{i}.key"), self.kv_state(f"{i}.value")
+        inputs = [q, k, v, self.past_state(key), self.past_state(value),
                   self.seqlens_k, self.total_len, self.cos, self.sin]  # fmt: skip
         with g.scope("attn"):
             out, present_k, present_v = g.op(
@@ -265,8 +301,8 @@ class DecoderGraph:
                 num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(attn.scaling),
                 do_rotary=1, rotary_interleaved=0, local_window_size=-1 if window is None else window,
             )  # fmt: skip
-        self.present_state(f"{i}.key", present_k)
-        self.present_state(f"{i}.value", present_v)
+        self.present_state(key, present_k)
+        self.present_state(value, present_v)
         return out
 
     def _explicit_attention(self, i: int, attn: torch.nn.Module, x: str) -> str:
@@ -275,11 +311,12 @@ class DecoderGraph:
         q, k, v = self.qkv(i, attn, x, packed=False)
         with g.scope("attn"):
             q = self.rope(heads(g, q, shape.n_heads, shape.head_dim))
-            keys = self.with_past_state(f"{i}.key", self.rope(heads(g, k, shape.kv_heads, shape.head_dim)), axis=2)
-            values = self.with_past_state(f"{i}.value", heads(g, v, shape.kv_heads, shape.head_dim), axis=2)
+            key, value = self.kv_state(f"{i}.key"), self.kv_state(f"{i}.value")
+            keys = self.with_past_state(key, self.rope(heads(g, k, shape.kv_heads, shape.head_dim)), axis=2)
+            values = self.with_past_state(value, heads(g, v, shape.kv_heads, shape.head_dim), axis=2)
             out = sdpa(g, q, keys, values, self.bias(sliding_window(self.model, attn)), shape)
-        self.present_state(f"{i}.key", keys)
-        self.present_state(f"{i}.value", values)
+        self.present_state(key, keys)
+        self.present_state(value, values)
         return out
 
     # ---------------------------------------------------------------- mlp
@@ -289,10 +326,10 @@ class DecoderGraph:
         fused = fuse(f"{prefix}.gate_up_proj", [gate_parts, up_parts])
         if fused is not None:
             width = gate_parts.out_features
-            gate, up = g.op("Split", [self._linear(x, fused), g.const([width, width])], outputs=2, axis=-1)
+            gate, up = g.op("Split", [self.linear(x, fused), g.const([width, width])], outputs=2, axis=-1)
         else:
-            gate, up = self._linear(x, gate_parts), self._linear(x, up_parts)
+            gate, up = self.linear(x, gate_parts), self.linear(x, up_parts)
         with g.scope("mlp"):
             hidden = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        return self._linear(hidden, linear_parts(f"{prefix}.down_proj", mlp.down_proj))
+        return self.linear(hidden, linear_parts(f"{prefix}.down_proj", mlp.down_proj))
 

@@ -111,8 +111,10 @@ def export_onnx(
             _save_graph(graph, tmp / filename, offsets)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(module, spec, graphs[DECODE_GRAPH]), indent=2))
-        (tmp / MQC_CONFIG).write_text(json.dumps(mqc_config(module, spec, accuracy_level, tmp), indent=2))
+        kv = kv_layout(module)
+        if kv["kind"] == "standard":  # onnxruntime-genai knows only plain K/V caches
+            (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(module, spec), indent=2))
+        (tmp / MQC_CONFIG).write_text(json.dumps(mqc_config(module, spec, accuracy_level, kv, tmp), indent=2))
     return out
 
 
@@ -129,7 +131,7 @@ def _token_ids(model: torch.nn.Module) -> tuple[Any, Any, Any]:
     return pick("bos_token_id"), pick("eos_token_id"), pick("pad_token_id")
 
 
-def genai_config(model: torch.nn.Module, spec: DecoderSpec, decode: GraphBuilder) -> dict[str, Any]:
+def genai_config(model: torch.nn.Module, spec: DecoderSpec) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for the decode graph (greedy search defaults)."""
     bos, eos, pad = _token_ids(model)
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
@@ -181,7 +183,21 @@ def genai_config(model: torch.nn.Module, spec: DecoderSpec, decode: GraphBuilder
     }
 
 
+def kv_layout(module: torch.nn.Module) -> dict[str, Any]:
+    """The cache the decode graph carries: plain K/V, or mqc's low-rank K/V (window + features)."""
+    from mqc.runtime.kv import KVSettings, lowrank_sites
+
+    sites = lowrank_sites(module)
+    if not sites:
+        return {"kind": "standard"}
+    settings = KVSettings.of(module.config)
+    ranks = [{"layer": s.layer, "k_rank": s.k_proj.rank, "v_rank": s.v_proj.rank} for s in sites]
+    return {"kind": "lowrank", "window": settings.window, "feature_dtype": "float16", "layers": ranks}
+
+
 def _layer_formats(module: torch.nn.Module) -> dict[str, str]:
+    """How each linear layer was exported, by qualname."""
+    from mqc.runtime.kv import LowRankKVProj
     from mqc.runtime.modules import QLinear
 
     formats = {}
@@ -189,18 +205,26 @@ def _layer_formats(module: torch.nn.Module) -> dict[str, str]:
         if isinstance(sub, QLinear):
             kind = "MatMulNBits" if sub.bits != 3 else "MatMulNBits (3-bit re-encoded as 4-bit, exact)"
             formats[name] = f"{kind} bits={sub.bits} g={sub.group_size} outliers={sub.n_outliers}"
+        elif isinstance(sub, LowRankKVProj):
+            formats[name] = f"MatMul float (exact window branch) + low-rank rank={sub.rank}"
         elif isinstance(sub, torch.nn.Linear):
             formats[name] = "MatMul float"
     return formats
 
 
-def mqc_config(module: torch.nn.Module, spec: DecoderSpec, accuracy_level: int, root: Path) -> dict[str, Any]:
+def mqc_config(
+    module: torch.nn.Module, spec: DecoderSpec, accuracy_level: int, kv: dict[str, Any], root: Path
+) -> dict[str, Any]:
+    """``mqc_onnx.json``: what was exported and how, for people and for :class:`OnnxLM`."""
+    _, eos, _ = _token_ids(module)
     return {
         "format": "mqc-onnx",
         "mqc_version": __version__,
         "model_type": spec.model_type,
         "graphs": {"prefill": PREFILL_GRAPH, "decode": DECODE_GRAPH, "weights": DATA_FILE},
         "accuracy_level": accuracy_level,
+        "eos_token_id": eos,
+        "kv_cache": kv,
         "layers": _layer_formats(module),
         "bytes": {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()},
     }
@@ -243,15 +267,24 @@ class OnnxLM:
         self.decode = ort.InferenceSession(str(self.root / DECODE_GRAPH), options, providers=chosen)
         prefill = self.root / PREFILL_GRAPH
         self.prefill_session = ort.InferenceSession(str(prefill), options, providers=chosen) if prefill.is_file() else None
-        self.config = json.loads((self.root / GENAI_CONFIG).read_text()) if (self.root / GENAI_CONFIG).is_file() else {}
+        self.config = _read_json(self.root / GENAI_CONFIG)
+        self.mqc_config = _read_json(self.root / MQC_CONFIG)
         self.state_inputs = [i for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
 
     def empty_state(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past tensors for the decode graph (its dynamic dims: batch, then 0)."""
+        """Zero-length past tensors for the decode graph: batch first, the past length (axis 2
+        of K/V, axis 1 of low-rank features) 0, other symbolic dims (as onnxruntime-genai's
+        graphs name the head size) from genai_config."""
+        decoder = self.config.get("model", {}).get("decoder", {})
+        known = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
         state = {}
         for item in self.state_inputs:
-            dims = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(item.shape)]
-            state[item.name] = np.zeros(dims, dtype=np.float32)
+            past_axis = 2 if len(item.shape) == 4 else 1
+            dims = [
+                batch if i == 0 else 0 if i == past_axis else d if isinstance(d, int) else known[i]
+                for i, d in enumerate(item.shape)
+            ]
+            state[item.name] = np.zeros(dims, dtype=np.float16 if item.type == "tensor(float16)" else np.float32)
         return state
 
     @staticmethod
@@ -281,7 +314,7 @@ class OnnxLM:
         return Step(outputs[names.index("logits")], self._next_state(names, outputs), total)
 
     def eos_ids(self) -> set[int]:
-        eos = self.config.get("model", {}).get("eos_token_id")
+        eos = self.mqc_config.get("eos_token_id", self.config.get("model", {}).get("eos_token_id"))
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, stop_at_eos: bool = True) -> np.ndarray:
@@ -298,6 +331,10 @@ class OnnxLM:
                 break
             result = self.step(token[:, None], result)
         return np.stack(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), dtype=np.int64)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _prompt_ids(onnx_dir: Path, prompt) -> np.ndarray:
