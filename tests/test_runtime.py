@@ -58,6 +58,25 @@ def test_qlinear_config_rebuilds_the_same_buffers():
     assert torch.equal(empty(x), layer(x))
 
 
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_custom_op_passes_opcheck(with_extras):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of mqc::qlinear."""
+    layer = QLinear.from_weight(random_weight(0, 24, 64), random_weight(1, 1, 24)[0], 4, 32, random_mask(2, (24, 64)))
+    extras = (layer.outlier_crow, layer.outlier_col, layer.outlier_values, layer.bias) if with_extras else (None,) * 4
+    x = random_weight(3, 6, 64).reshape(2, 3, 64).requires_grad_()
+    args = (x, layer.qweight, layer.scales, layer.qzeros, 4, 32, 64, *extras)
+    torch.library.opcheck(QLINEAR_OP, args)
+
+
+def test_gradients_flow_to_the_input():
+    layer = QLinear.from_weight(random_weight(0, 24, 64), random_weight(1, 1, 24)[0], 3, 32, random_mask(2, (24, 64)))
+    x = random_weight(3, 5, 64).requires_grad_()
+    (layer(x) ** 2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (torch.nn.functional.linear(x_ref, layer.dense_weight(), layer.bias.float()) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 class TwoLayer(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -3,7 +3,8 @@
 Each op has a fake (meta) implementation, so a quantized model stays exportable: under
 ``torch.export`` a ``QLinear`` is one opaque ``mqc::qlinear`` node that the ONNX exporter maps
 to ``MatMulNBits``. The CPU implementation is the reference: dequantize with :mod:`mqc.quant`,
-add the sparse outliers, then one dense matmul. A CUDA implementation that calls the fused
+add the sparse outliers, then one dense matmul. Gradients flow to the input only (the packed
+weights are constants), so losses can still be backpropagated through a quantized model. A CUDA implementation that calls the fused
 kernels is registered by :mod:`mqc.kernels.launch` when CuPy is importable.
 """
 
@@ -58,3 +59,19 @@ def qlinear(
 @qlinear.register_fake
 def _(x, qweight, scales, qzeros, bits, group_size, in_features, outlier_crow, outlier_col, outlier_values, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    _, qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, _ = inputs
+    ctx.save_for_backward(qweight, scales, qzeros, crow, col, values)
+    ctx.shape_args = (bits, group_size, in_features)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    qweight, scales, qzeros, crow, col, values = ctx.saved_tensors
+    bits, group_size, in_features = ctx.shape_args
+    weight = dense_weight(qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, grad.dtype)
+    return (grad @ weight,) + (None,) * 10
+
+
+qlinear.register_autograd(_backward, setup_context=_save_for_backward)
