@@ -52,7 +52,9 @@ def capture(model: torch.nn.Module, example_len: int = 16, max_len: int = 4096) 
     config = model.config
     check_supported(config)
     limit = min(max_len, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", max_len))
-    ids = torch.randint(0, config.vocab_size, (1, example_len), device=next(model.parameters()).device)
+    # Fixed example ids: the values do not shape the graph, and drawing them would shift the
+    # caller's global RNG stream (compile must not change what a seeded script samples next).
+    ids = (torch.arange(example_len, device=next(model.parameters()).device) % config.vocab_size)[None]
     seq = torch.export.Dim("seq", min=2, max=limit)
     try:
         with torch.no_grad():

@@ -106,3 +106,11 @@ def test_export_failure_names_model_type_and_construct(zoo):
     message = str(info.value)
     assert "\n" not in message and len(message) < 500
 
+
+
+def test_capture_leaves_the_global_rng_alone(zoo):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    capture(zoo.pristine("opt"))
+    assert torch.equal(torch.rand(3), expected)
