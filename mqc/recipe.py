@@ -61,7 +61,9 @@ class Recipe:
     ``method="rtn"``: every selected layer at ``bits`` (an integer width).
     ``method="mq"``: per-layer widths from ``allowed_bits`` minimising total sensitivity under a
     budget given by ``bits`` (average bits per weight, all overheads counted), ``budget_bytes`` or
-    ``budget_frac`` (of the fp16 size); at most one of the last two may be set.
+    ``budget_frac`` (of the fp16 size); at most one of the last two may be set. With
+    ``allowed_group_sizes`` the allocator also picks each layer's group size: at K=576 (the
+    default model) g64 needs no padding and is both smaller and more accurate than g128.
     """
 
     method: str = "rtn"
@@ -70,6 +72,7 @@ class Recipe:
     budget_bytes: int | None = None
     budget_frac: float | None = None
     allowed_bits: tuple[int, ...] = SUPPORTED_BITS
+    allowed_group_sizes: tuple[int, ...] = ()  # mq: group sizes to choose from; () means (group_size,)
     pins: tuple[Pin, ...] = ()
     quantize_embeddings: bool | None = None  # None: False for rtn, True for mq
     skip: tuple[str, ...] = ()
@@ -94,6 +97,9 @@ class Recipe:
             raise RecipeError(f"allowed_bits {self.allowed_bits} must be a non-empty subset of {SUPPORTED_BITS}")
         if not self.bits > 0:
             raise RecipeError(f"bits {self.bits} must be positive")
+        bad_g = [g for g in self.allowed_group_sizes if g not in GROUP_SIZES]
+        if bad_g:
+            raise RecipeError(f"allowed_group_sizes {self.allowed_group_sizes} must be a subset of {GROUP_SIZES}")
         if self.budget_bytes is not None and self.budget_frac is not None:
             raise RecipeError("give at most one of budget_bytes and budget_frac")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
@@ -130,6 +136,11 @@ class Recipe:
     @property
     def uses_gptq(self) -> bool:
         return (self.quantizer or ("gptq" if self.method == "mq" else "rtn")) == "gptq"
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Group sizes a plan may use (the allocator's choice set for mq)."""
+        return tuple(sorted(set(self.allowed_group_sizes))) or (self.group_size,)
 
     @property
     def quant_bits(self) -> tuple[int, ...]:

@@ -87,16 +87,16 @@ def totals(plan_rows: list[dict[str, Any]]) -> dict[str, Any]:
 def layer_table(plan_rows: list[dict[str, Any]]) -> str:
     """Fixed-width per-layer table with a totals line."""
     width = max([len(r["qualname"]) for r in plan_rows] + [5])
-    lines = [f"{'layer':<{width}}  {'shape':>13}  {'bits':>4}  {'outliers':>8}  {'bytes':>11}  {'avg bits':>8}"]
+    lines = [f"{'layer':<{width}}  {'shape':>13}  {'bits':>4}  {'group':>5}  {'outliers':>8}  {'bytes':>11}  {'avg bits':>8}"]
     for r in plan_rows:
         shape = f"{r['out_features']}x{r['in_features']}"
         bits = quant.average_bits(r["bytes"], r["out_features"] * r["in_features"])
         lines.append(
-            f"{r['qualname']:<{width}}  {shape:>13}  {r['bits']:>4}  {r['n_outliers']:>8}  {r['bytes']:>11,}  {bits:>8.3f}"
+            f"{r['qualname']:<{width}}  {shape:>13}  {r['bits']:>4}  {r['group_size']:>5}  {r['n_outliers']:>8}  {r['bytes']:>11,}  {bits:>8.3f}"
         )
     t = totals(plan_rows)
     lines.append(
-        f"{'total':<{width}}  {t['weights']:>13,}  {'':>4}  {t['outliers']:>8}  {t['bytes']:>11,}  {t['average_bits']:>8.3f}"
+        f"{'total':<{width}}  {t['weights']:>13,}  {'':>4}  {'':>5}  {t['outliers']:>8}  {t['bytes']:>11,}  {t['average_bits']:>8.3f}"
     )
     return "\n".join(lines)
 
@@ -159,8 +159,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if sens:
         ax = axes[0][1]
         variant = report["recipe"]["sensitivity"]
+        group = f"g{report['recipe']['group_size']}"
         for name, entry in sens["scores"].items():
-            curve = sorted((int(b), v) for b, v in entry[variant].items())
+            curve = sorted(
+                (int(label.split("/")[0]), v)
+                for label, v in entry[variant].items()
+                if "/" not in label or label.endswith("/" + group)
+            )
             ax.plot([b for b, _ in curve], [max(v, 1e-12) for _, v in curve], alpha=0.35, lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("bits")

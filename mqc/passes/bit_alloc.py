@@ -2,7 +2,9 @@
 
 One binary ``x[l, c]`` per unit ``l`` and allowed width ``c``; ``sum_c x[l, c] = 1``;
 ``sum bytes[l, c] * x[l, c] <= budget``; minimise ``sum sensitivity[l, c] * x[l, c]``. HiGHS
-(scipy.optimize.milp) with a zero MIP gap returns a proven optimum, not a heuristic. Bytes are
+(scipy.optimize.milp) with a zero MIP gap returns a proven optimum, not a heuristic (exact up to
+HiGHS's feasibility tolerances, about 1e-6 of the largest cost: choices whose costs differ by
+less are ties to the solver). Bytes are
 :func:`mqc.quant.layer_bytes` of each choice (codes, scales, zeros, outliers, bias): the same
 number the artifact is checked against, so a plan that fits here fits on disk.
 """
@@ -19,6 +21,7 @@ from mqc import quant
 from mqc.errors import InfeasibleBudgetError
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
+from mqc.passes.sensitivity import Choice, choices
 from mqc.passes.units import LayerPlan, WeightUnit, plan_entry
 from mqc.recipe import Recipe
 
@@ -87,10 +90,11 @@ def budget_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
     return int(recipe.bits * sum(u.n_weights for u in units.values()) / 8)
 
 
-def allowed_widths(name: str, recipe: Recipe) -> list[int]:
+def allowed_choices(name: str, recipe: Recipe) -> list[Choice]:
+    """The (bits, group size) options of a layer after its pins."""
     floor = max([p.min_bits for p in recipe.pins if fnmatch.fnmatchcase(name, p.pattern)], default=0)
-    widths = [b for b in sorted(recipe.allowed_bits) if b >= floor]
-    return widths or [max(recipe.allowed_bits)]
+    options = choices(recipe)
+    return [c for c in options if c[0] >= floor] or [max(options, key=lambda c: c[0])]
 
 
 class AllocateBits(Pass):
@@ -103,10 +107,13 @@ class AllocateBits(Pass):
         with_outliers = recipe.outlier_frac > 0
         names = list(units)
         options: list[list[LayerPlan]] = [
-            [plan_entry(units[n], b, recipe.group_size, recipe.outlier_frac) for b in allowed_widths(n, recipe)]
+            [plan_entry(units[n], b, g or recipe.group_size, recipe.outlier_frac) for b, g in allowed_choices(n, recipe)]
             for n in names
         ]
-        costs = [[table.score(n, e.bits, recipe.sensitivity, with_outliers) for e in opts] for n, opts in zip(names, options)]
+        costs = [
+            [table.score(n, e.bits, recipe.sensitivity, with_outliers, e.group_size) for e in opts]
+            for n, opts in zip(names, options)
+        ]
         sizes = [[e.nbytes for e in opts] for opts in options]
         budget = budget_bytes(recipe, units)
         n_weights = sum(u.n_weights for u in units.values())

@@ -31,19 +31,44 @@ from mqc.passes.units import plan_entry
 VARIANTS = ("first_order", "fisher")
 
 
+Choice = tuple[int, int | None]  # (bits, group size); 16-bit layers have no group size
+
+
+def choices(recipe) -> list[Choice]:
+    """Every (bits, group size) option the allocator may give a layer."""
+    out: list[Choice] = [(b, g) for b in recipe.quant_bits for g in recipe.group_sizes]
+    return out + ([(quant.FP16_BITS, None)] if quant.FP16_BITS in recipe.allowed_bits else [])
+
+
+def choice_label(choice: Choice) -> str:
+    bits, group = choice
+    return str(bits) if group is None else f"{bits}/g{group}"
+
+
 @dataclass
 class SensitivityTable:
-    """``scores[unit][variant][bits]`` with ``variant`` in VARIANTS, plus ``_outliers`` variants."""
+    """``scores[unit][variant][(bits, group)]``; variants are VARIANTS and their ``_outliers`` forms."""
 
-    scores: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, dict[Choice, float]]] = field(default_factory=dict)
     n_tokens: int = 0
 
-    def score(self, unit: str, bits: int, variant: str, with_outliers: bool) -> float:
+    def score(self, unit: str, bits: int, variant: str, with_outliers: bool, group_size: int | None = None) -> float:
         key = f"{variant}_outliers" if with_outliers else variant
-        return self.scores[unit][key][bits]
+        entry = self.scores[unit][key]
+        if bits == quant.FP16_BITS:
+            return entry[(bits, None)]
+        if group_size is None:
+            (group_size,) = {g for b, g in entry if b == bits}  # unambiguous only with one group size
+        return entry[(bits, group_size)]
 
     def to_dict(self) -> dict:
-        return {"n_tokens": self.n_tokens, "scores": self.scores}
+        return {
+            "n_tokens": self.n_tokens,
+            "scores": {
+                unit: {variant: {choice_label(c): v for c, v in values.items()} for variant, values in entry.items()}
+                for unit, entry in self.scores.items()
+            },
+        }
 
 
 class Sensitivity(Pass):
@@ -54,19 +79,19 @@ class Sensitivity(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         model, recipe, units = ctx.model, ctx.recipe, ctx[keys.UNITS]
         energy = ctx[keys.ACT_STATS]
-        widths = recipe.allowed_bits
+        options = choices(recipe)
         variants_out = recipe.outlier_frac > 0
-        deltas: dict[str, dict[tuple[int, bool], torch.Tensor]] = {}
+        deltas: dict[str, dict[tuple[Choice, bool], torch.Tensor]] = {}
         for name, unit in tqdm(units.items(), desc="quantization error", disable=not ctx.progress, leave=False):
             weight = unit.weight(model)
             quant.check_finite(weight, name)
             deltas[name] = {}
-            for bits in widths:
-                deltas[name][(bits, False)] = (quant.fake_quantize(weight, bits, recipe.group_size) - weight).half()
+            for bits, group in options:
+                deltas[name][((bits, group), False)] = (quant.fake_quantize(weight, bits, group or recipe.group_size) - weight).half()
                 if variants_out and bits != quant.FP16_BITS:
-                    n_out = plan_entry(unit, bits, recipe.group_size, recipe.outlier_frac).n_outliers
-                    mask = outlier_mask(weight, bits, recipe.group_size, n_out, energy.get(name))
-                    deltas[name][(bits, True)] = (quant.fake_quantize(weight, bits, recipe.group_size, mask) - weight).half()
+                    n_out = plan_entry(unit, bits, group, recipe.outlier_frac).n_outliers
+                    mask = outlier_mask(weight, bits, group, n_out, energy.get(name))
+                    deltas[name][((bits, group), True)] = (quant.fake_quantize(weight, bits, group, mask) - weight).half()
         sums = {name: {(v, k): 0.0 for v in VARIANTS for k in d} for name, d in deltas.items()}
 
         params = {name: model.get_submodule(name).weight for name in units}
@@ -105,15 +130,16 @@ class Sensitivity(Pass):
                 p.requires_grad_(flag)
                 p.grad = None
         table = SensitivityTable(n_tokens=int(ctx[keys.CALIB].numel()))
+        fp16 = (quant.FP16_BITS, None)
         for name, values in sums.items():
-            entry: dict[str, dict[int, float]] = {}
-            for (variant, (bits, with_out)), value in values.items():
+            entry: dict[str, dict[Choice, float]] = {}
+            for (variant, (choice, with_out)), value in values.items():
                 key = f"{variant}_outliers" if with_out else variant
-                entry.setdefault(key, {})[bits] = abs(value) if variant == "first_order" else value
+                entry.setdefault(key, {})[choice] = abs(value) if variant == "first_order" else value
             if variants_out:  # 16-bit has no outliers: same score either way
                 for variant in VARIANTS:
-                    if quant.FP16_BITS in entry[variant]:
-                        entry[f"{variant}_outliers"][quant.FP16_BITS] = entry[variant][quant.FP16_BITS]
+                    if fp16 in entry[variant]:
+                        entry[f"{variant}_outliers"][fp16] = entry[variant][fp16]
             table.scores[name] = entry
         ctx.results[keys.SENSITIVITY] = table
-        return PassResult(False, f"sensitivity of {len(units)} layers x {len(widths)} widths")
+        return PassResult(False, f"sensitivity of {len(units)} layers x {len(options)} choices")
