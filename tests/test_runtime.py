@@ -6,6 +6,7 @@ The end-to-end reference for a compiled model is the original model with every p
 replaced by ``quant.fake_quantize`` and every other float tensor rounded to fp16 (as stored).
 """
 
+import copy
 import math
 
 import pytest
@@ -132,8 +133,6 @@ def test_tied_qembedding_references_the_head():
 # --------------------------------------------------------------------------------------------
 def reference_model(pristine, compiled):
     """The pristine model with each planned weight fake-quantized, other float tensors in fp16."""
-    import copy
-
     ref = copy.deepcopy(pristine)
     ctx = compiled.context
     units, masks = ctx[keys.UNITS], ctx.results.get(keys.OUTLIER_MASKS, {})
@@ -259,10 +258,9 @@ def test_untied_embedding_with_outliers_owns_its_table(zoo, compiled, token_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_compiled_model_follows_model_to_dtype(zoo, token_ids, dtype):
+def test_compiled_model_follows_model_to_dtype(compiled, token_ids, dtype):
     """Quantized buffers keep their storage types; activations, embeddings included, follow the model."""
-    model = zoo.model("llama")
-    mqc.compile(model, mqc.Recipe(bits=4, group_size=32, quantize_embeddings=True), progress=False)
+    model = copy.deepcopy(compiled("llama", 4, quantize_embeddings=True).model)
     reference, dense = logits(model, token_ids), model.lm_head.dense_weight()
     model.to(dtype)
     assert model.lm_head.qweight.dtype == torch.uint8 and model.lm_head.scales.dtype == torch.float16
