@@ -10,8 +10,11 @@ For each ``mqc/kernels/cuda/*.cu`` and each architecture (sm_80, sm_90 by defaul
   wheel that CuPy installs). NVRTC has no CUDA headers on its include path, which is exactly
   what this catches.
 
-Usage: ``python tools/check_cuda.py [--arch sm_80 sm_90] [--skip-nvrtc]``. Exits 0 when all
-compile cleanly, 1 on any error, warning or spill, 2 when nvcc is missing (the tests skip then).
+Usage: ``python tools/check_cuda.py [--arch sm_80 sm_90] [--quick] [--skip-nvrtc]``. ``--quick``
+compiles every (bits, vector width) pair at M = 1 with outliers plus the largest-M variants of
+4 bits (seconds; what ``make test`` runs); the default compiles all 112 variants (minutes: each is
+fully unrolled). Exits 0 when all compile cleanly, 1 on any error, warning or spill, 2 when nvcc
+is missing (the tests skip then).
 """
 
 from __future__ import annotations
@@ -38,8 +41,17 @@ sys.path.insert(0, str(ROOT))
 from mqc.kernels import launch  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
+
+
+def qgemv_names(full: bool) -> list[str]:
+    if full:
+        return launch.all_kernel_names()
+    quick = [launch.kernel_name(bits, vec, 1, True) for bits, vecs in launch.VECS.items() for vec in vecs]
+    return quick + [launch.kernel_name(4, 4, 2, False), launch.kernel_name(4, 4, launch.MAX_ROWS, False)]
+
+
 # Which template instantiations each source must compile; a source not listed has plain kernels.
-INSTANTIATIONS = {"qgemv.cu": launch.all_kernel_names}
+INSTANTIATIONS = {"qgemv.cu": qgemv_names}
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -63,8 +75,13 @@ def _instantiation_table(names: list[str]) -> str:
     return f"\nextern const void* const mqc_all_kernels[] = {{\n{body}\n}};\n" if names else ""
 
 
-def check_nvcc(source: Path, arch: str, nvcc: str) -> CheckResult:
-    names = INSTANTIATIONS.get(source.name, list)()
+def _names(source: Path, full: bool) -> list[str]:
+    make = INSTANTIATIONS.get(source.name)
+    return make(full) if make else []
+
+
+def check_nvcc(source: Path, arch: str, nvcc: str, full: bool) -> CheckResult:
+    names = _names(source, full)
     with tempfile.TemporaryDirectory() as tmp:
         wrapper = Path(tmp) / f"check_{source.stem}.cu"
         wrapper.write_text(f'#include "{source}"\n{_instantiation_table(names)}')
@@ -95,10 +112,10 @@ def find_nvrtc() -> str | None:
     return next((c for c in candidates if c and "builtins" not in c and os.path.exists(c)), None)
 
 
-def check_nvrtc(source: Path, arch: str, library: str) -> CheckResult:
+def check_nvrtc(source: Path, arch: str, library: str, full: bool) -> CheckResult:
     """Compile the launcher's exact source and options, every variant as a name expression."""
     nvrtc = ctypes.CDLL(library)
-    names = INSTANTIATIONS.get(source.name, list)()
+    names = _names(source, full)
     text = launch.kernel_source() if source == launch.KERNEL_FILE else source.read_text()
     program = ctypes.c_void_p()
     start = time.perf_counter()
@@ -118,14 +135,17 @@ def check_nvrtc(source: Path, arch: str, library: str) -> CheckResult:
     return CheckResult(source.name, arch, "nvrtc", len(names), ok, time.perf_counter() - start, log=log)
 
 
-def run_checks(archs: tuple[str, ...] = ARCHS, nvrtc: bool = True) -> list[CheckResult]:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found")
+def run_checks(archs: tuple[str, ...] = ARCHS, full: bool = True, nvcc: bool = True, nvrtc: bool = True) -> list[CheckResult]:
+    """Every check asked for and possible; FileNotFoundError when nvcc is asked for but missing."""
     sources = sorted(launch.CUDA_DIR.glob("*.cu"))
-    jobs = [(check_nvcc, s, a, nvcc) for s in sources for a in archs]
+    jobs = []
+    if nvcc:
+        compiler = shutil.which("nvcc")
+        if compiler is None:
+            raise FileNotFoundError("nvcc not found")
+        jobs += [(check_nvcc, s, a, compiler, full) for s in sources for a in archs]
     library = find_nvrtc() if nvrtc else None
-    jobs += [(check_nvrtc, s, a, library) for s in sources for a in archs] if library else []
+    jobs += [(check_nvrtc, s, a, library, full) for s in sources for a in archs] if library else []
     with ThreadPoolExecutor(max_workers=2) as pool:  # the subprocesses run in parallel
         return list(pool.map(lambda job: job[0](*job[1:]), jobs))
 
@@ -133,10 +153,11 @@ def run_checks(archs: tuple[str, ...] = ARCHS, nvrtc: bool = True) -> list[Check
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(ARCHS))
+    parser.add_argument("--quick", action="store_true", help="a representative subset of the variants")
     parser.add_argument("--skip-nvrtc", action="store_true")
     args = parser.parse_args(argv)
     try:
-        results = run_checks(tuple(args.arch), nvrtc=not args.skip_nvrtc)
+        results = run_checks(tuple(args.arch), full=not args.quick, nvrtc=not args.skip_nvrtc)
     except FileNotFoundError:
         print("check_cuda: nvcc not found; install the CUDA toolkit to compile-check the kernels", file=sys.stderr)
         return 2
