@@ -50,7 +50,7 @@ def make_layer(n: int, k: int, bits: int, group_size: int, outlier_frac: float, 
 def kernel_args(qw, sparse, bias, device) -> tuple:
     """The arguments of :func:`launch.qgemv` after x, moved to ``device``."""
     outliers = (None, None, None) if sparse is None else (sparse.crow, sparse.col, sparse.values)
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    move = lambda t: None if t is None else t.to(device)
     packed = (qw.qweight, qw.scales, qw.qzeros)
     return (*map(move, packed), qw.bits, qw.group_size, qw.in_features, *map(move, outliers), move(bias))
 
@@ -157,7 +157,11 @@ def zero_point(bits: int, zeros: np.ndarray, group: int) -> np.ndarray:
     """qgemv.cu zero_point, vectorised over rows."""
     if bits == 3:
         p = 3 * (group >> 3)
-        word = zeros[:, p].astype(np.uint32) | zeros[:, p + 1].astype(np.uint32) << 8 | zeros[:, p + 2].astype(np.uint32) << 16
+        word = (
+            zeros[:, p].astype(np.uint32)
+            | zeros[:, p + 1].astype(np.uint32) << 8
+            | zeros[:, p + 2].astype(np.uint32) << 16
+        )
         return ((word >> (3 * (group & 7))) & 7).astype(np.float32)
     bit = group * bits
     return ((zeros[:, bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)).astype(np.float32)

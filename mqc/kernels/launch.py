@@ -136,7 +136,7 @@ def _cupy():
         return None
     try:
         return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:  # CUDARuntimeError: no driver, insufficient driver, no device
+    except cupy.cuda.runtime.CUDARuntimeError:  # no driver, a driver too old, no device
         return None
 
 
@@ -221,5 +221,7 @@ def _qlinear_cuda(x, qweight, scales, qzeros, bits, group_size, in_features, cro
     rows = x.numel() // max(x.shape[-1], 1)
     if x.dtype != torch.float16 or not 1 <= rows <= MAX_ROWS or _cupy() is None:
         return _dense_linear(x, qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias)
-    out = qgemv(x.reshape(rows, x.shape[-1]), qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias)
+    out = qgemv(
+        x.reshape(rows, x.shape[-1]), qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias
+    )
     return out.reshape(*x.shape[:-1], qweight.shape[0])

@@ -79,4 +79,6 @@ class FuseSiblings(Pass):
             fuse_group(ctx.model, names)
         ctx.results[keys.FUSION_GROUPS] = groups
         layers = sum(len(g) for g in groups)
-        return PassResult(bool(groups), f"{len(groups)} groups fused ({layers} layers, {len(groups)} launches instead of {layers})")
+        return PassResult(
+            bool(groups), f"{len(groups)} groups fused ({layers} layers, {len(groups)} launches instead of {layers})"
+        )

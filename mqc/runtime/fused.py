@@ -19,8 +19,9 @@ array (``4 * (len(siblings) - 1)`` bytes fewer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,7 +72,7 @@ class FusedQLinear(QLinear):
         self._kept: _Kept | None = None
 
     @classmethod
-    def from_siblings(cls, siblings: Sequence[QLinear]) -> "FusedQLinear":
+    def from_siblings(cls, siblings: Sequence[QLinear]) -> FusedQLinear:
         keys = {fusion_key(s) for s in siblings}
         if len(siblings) < 2 or len(keys) != 1:
             raise ValueError(f"cannot fuse {len(siblings)} layers with differing layouts {keys}")
@@ -135,7 +136,7 @@ class FusedSlice(torch.nn.Module):
         return {"tied_to": self.tied_to, "index": self.index}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "FusedSlice":
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> FusedSlice:
         return cls(model.get_submodule(config["tied_to"]), config["tied_to"], config["index"])
 
     def nbytes(self) -> int:
