@@ -26,7 +26,7 @@ def _parse_bits_list(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--allowed-bits {text!r} must be a comma list like 2,3,4,8,16") from None
+        raise argparse.ArgumentTypeError(f"{text!r} must be a comma list of integers like 2,3,4,8,16") from None
 
 
 # flag -> recipe field; a flag left unset keeps the recipe file's (or the default) value
@@ -37,6 +37,8 @@ _RECIPE_FLAGS = {
     "budget_bytes": "budget_bytes",
     "budget_frac": "budget_frac",
     "allowed_bits": "allowed_bits",
+    "allowed_group_sizes": "allowed_group_sizes",
+    "quantizer": "quantizer",
     "pin": "pins",
     "quantize_embeddings": "quantize_embeddings",
     "skip": "skip",
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-bytes", type=int, help="mq: budget in bytes for all quantized tensors")
     c.add_argument("--budget-frac", type=float, help="mq: budget as a fraction of the fp16 size")
     c.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
+    c.add_argument("--allowed-group-sizes", type=_parse_bits_list,
+                   help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
+    c.add_argument("--quantizer", choices=["rtn", "gptq"], help="default: rtn for --method rtn, gptq for mq")
     c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
     c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip

@@ -37,7 +37,7 @@ from mqc.passes.act_stats import ActivationStats  # noqa: E402
 from mqc.passes.base import CompileContext, PassManager  # noqa: E402
 from mqc.passes.bit_alloc import AllocateBits  # noqa: E402
 from mqc.passes.outliers import SelectOutliers  # noqa: E402
-from mqc.passes.quantize import QuantizeModules  # noqa: E402
+from mqc.passes.quantize import QuantizeModules, SequentialGPTQ  # noqa: E402
 from mqc.passes.sensitivity import Sensitivity  # noqa: E402
 from mqc.passes.units import SelectUnits  # noqa: E402
 from mqc.report import machine  # noqa: E402
@@ -81,7 +81,13 @@ def uniform(args, base, tok, ids) -> list[dict]:
 
 def mq_sweep(args, base, tok, ids) -> list[dict]:
     """Sensitivity once on the full-precision model, then allocate+quantize per budget."""
-    recipe0 = mqc.Recipe(method="mq", group_size=args.group_size, outlier_frac=args.outliers)
+    recipe0 = mqc.Recipe(
+        method="mq",
+        group_size=args.group_size,
+        allowed_group_sizes=tuple(args.group_sizes),
+        outlier_frac=args.outliers,
+        quantizer=args.quantizer,
+    )
     calib = calibration_batches(tok, args.calib_samples, args.calib_seq_len, seed=0)
     ctx = CompileContext(model=base, recipe=recipe0)
     ctx.results[keys.GRAPH] = GraphView(capture(base), base)
@@ -101,7 +107,9 @@ def mq_sweep(args, base, tok, ids) -> list[dict]:
                 run = CompileContext(model=model, recipe=recipe, progress=False)
                 run.results.update({k: ctx.results[k] for k in (keys.GRAPH, keys.UNITS, keys.ACT_STATS, keys.SENSITIVITY)})
                 start = time.perf_counter()
-                PassManager([AllocateBits(), SelectOutliers(), QuantizeModules()]).run(run)
+                run.results[keys.CALIB] = calib
+                lower = SequentialGPTQ() if recipe.uses_gptq else QuantizeModules()
+                PassManager([AllocateBits(), SelectOutliers(weighted=True), lower]).run(run)
                 lower_s = time.perf_counter() - start
                 compiled = CompiledModel(model, recipe, run[keys.BIT_PLAN], run, tok, {})
                 ppl = perplexity(model, ids, context=args.context, max_tokens=args.tokens)
@@ -156,6 +164,8 @@ def main() -> None:
                    help="budgets measured for the variants after the first")  # fmt: skip
     p.add_argument("--outliers", type=float, default=0.005)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-sizes", type=int, nargs="*", default=[64, 128], help="mq: per-layer group size choices")
+    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="gptq", help="mq lowering")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=32)
@@ -178,6 +188,7 @@ def main() -> None:
         "stride": args.context,
         "group_size": args.group_size,
         "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len} if args.sweep else None,
+        "mq": {"group_sizes": args.group_sizes, "quantizer": args.quantizer} if args.sweep else None,
         "fp_ppl": fp_ppl,
         "rows": [{**r, "ppl_ratio": r["ppl"] / fp_ppl} for r in rows],
         "machine": machine(),
