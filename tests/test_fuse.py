@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import mqc
+from mqc.bench import _static_decode, decode_benchmark
 from mqc.capture import capture
+from mqc.errors import MqcError
 from mqc.passes import keys
 from mqc.passes.base import PassManager
 from mqc.passes.fuse import FuseSiblings, fusable_groups, fuse_group
@@ -58,6 +60,20 @@ def test_fusion_keeps_logits(fused_case):
 def test_fusion_keeps_greedy_generation(fused_case):
     result, ids, _, _, tokens = fused_case
     assert torch.equal(result.model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False), tokens)
+
+
+def test_decode_benchmark_on_fused_model_matches_generate(fused_case):
+    """Both decode loops of mqc.bench (model cache; StaticCache, the CUDA-graph loop run eagerly)
+    produce generate()'s greedy tokens."""
+    result, ids, _, _, tokens = fused_case
+    prompt, expected = ids[:1, :6], tokens[0, 6:].tolist()
+    timing = decode_benchmark(result.model, prompt, 8, "cpu")
+    assert timing["tokens"] == expected and timing["mode"] == "eager" and timing["tokens_per_s"] > 0
+    with torch.no_grad():
+        static, _, _ = _static_decode(result.model, prompt, 8, torch.device("cpu"), capture=False)
+    assert torch.cat(static, dim=1)[0].tolist() == expected
+    with pytest.raises(MqcError):
+        decode_benchmark(result.model, prompt, 1, "cpu")
 
 
 def test_qkv_and_gate_up_share_one_launch_each(fused_case):
@@ -153,6 +169,17 @@ def test_slices_compute_exact_outputs_in_any_call_order():
     x.mul_(2.0)  # same tensor, new values: recomputed, not served from the kept outputs
     assert torch.equal(q(x), siblings[0](x))
     assert torch.equal(k(x), siblings[1](x))
+
+
+def test_slices_unfuse_to_their_original_layers():
+    siblings = [qlinear(24, 3, seed=0, outlier_frac=0.05), qlinear(8, 3, seed=1, outlier_frac=0.05)]
+    root = block(a=siblings[0], b=siblings[1])
+    fuse_group(root, ("attn.a", "attn.b"))
+    for name, original in zip("ab", siblings):
+        restored = root.get_submodule(f"attn.{name}").to_qlinear()
+        assert restored.state_dict().keys() == original.state_dict().keys()
+        for (key, tensor), (_, expected) in zip(restored.state_dict().items(), original.state_dict().items()):
+            assert torch.equal(tensor, expected), key
 
 
 def test_slice_records_point_at_their_fused_module():

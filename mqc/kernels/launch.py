@@ -14,6 +14,7 @@ CuPy or a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,10 +217,24 @@ def _dense_linear(x, qweight, scales, qzeros, bits, group_size, in_features, cro
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+_enabled = True
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool):
+    """Turn the fused kernels off (every CUDA call dequantizes, then matmuls) or on, for A/B runs."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
 @ops.qlinear.register_kernel("cuda")
 def _qlinear_cuda(x, qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias):
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.dtype != torch.float16 or not 1 <= rows <= MAX_ROWS or _cupy() is None:
+    if not _enabled or x.dtype != torch.float16 or not 1 <= rows <= MAX_ROWS or _cupy() is None:
         return _dense_linear(x, qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias)
     out = qgemv(
         x.reshape(rows, x.shape[-1]), qweight, scales, qzeros, bits, group_size, in_features, crow, col, values, bias

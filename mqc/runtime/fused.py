@@ -142,6 +142,27 @@ class FusedSlice(torch.nn.Module):
     def nbytes(self) -> int:
         return 0
 
+    def to_qlinear(self) -> QLinear:
+        """This sibling as a standalone :class:`QLinear` (a copy of its rows), for consumers that
+        read one layer's tensors, such as the ONNX exporter."""
+        fused = self.fused
+        first = sum(fused.splits[: self.index])
+        rows = slice(first, first + self.out_features)
+        crow = fused.outlier_crow[rows.start : rows.stop + 1] if fused.n_outliers else None
+        n_outliers = 0 if crow is None else int(crow[-1] - crow[0])
+        module = QLinear(self.out_features, fused.in_features, fused.bits, fused.group_size, n_outliers,
+                         fused.bias is not None).to(fused.qweight.device)  # fmt: skip
+        with torch.no_grad():
+            for name in ("qweight", "scales", "qzeros", "bias"):
+                if getattr(module, name) is not None:
+                    getattr(module, name).copy_(getattr(fused, name)[rows])
+            if n_outliers:
+                entries = slice(int(crow[0]), int(crow[-1]))
+                module.outlier_crow.copy_(crow - crow[0])
+                module.outlier_col.copy_(fused.outlier_col[entries])
+                module.outlier_values.copy_(fused.outlier_values[entries])
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.sibling_output(x, self.index)
 
