@@ -167,24 +167,26 @@ def zero_point(bits: int, zeros: np.ndarray, group: int) -> np.ndarray:
     return ((zeros[:, bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)).astype(np.float32)
 
 
-def emulate_qgemv(plan: launch.LaunchPlan, x, qw, sparse, bias) -> torch.Tensor:
-    """qgemv.cu step by step on the CPU: per unit (lane = u mod threads-per-slot), 8-code chunks
-    decoded from the raw 32-bit words, dot/sx folded at group and unit ends, outliers spread over
-    lanes, then the sum over lanes, bias and one fp16 rounding."""
-    bits, n, m = plan.bits, plan.n, plan.m
-    words_per_unit = launch.unit_bytes(bits, plan.vec) // 4
+def emulate_kernel(bits: int, vec: int, outliers: bool, a: dict) -> None:
+    """qgemv.cu<bits, vec, M, outliers> step by step on the CPU, from the very arguments the
+    launcher passes (``a``, by kernel parameter name), writing ``a["out"]``: per unit (lane = unit
+    mod threads per slot), 8-code chunks decoded from the raw 32-bit words, dot/sx folded at group
+    and unit ends, outliers spread over lanes, then the sum over lanes, bias, one fp16 rounding.
+    Tensors are read as the flat buffers behind the kernel's pointers."""
+    words_per_unit = (3 if bits == 3 else 1) * vec  # Unit::WORDS
     codes_per_unit = 32 * words_per_unit // bits
-    group_size, tpr = 1 << plan.group_shift, 1 << plan.slot_shift
-    xs = x.float().numpy()
-    xpad = np.zeros((m, plan.n_blocks * group_size), np.float32)
-    xpad[:, : plan.k] = xs  # load_x8: 0 past the end of the row
-    stream = qw.qweight.reshape(n, -1).numpy()
-    assert stream.shape[1] == plan.row_bytes == plan.units * 4 * words_per_unit
-    words = np.ascontiguousarray(stream).view("<u4")
-    scales, zeros = qw.scales.float().numpy(), qw.qzeros.numpy()
-    assert zeros.shape[1] == plan.zero_row_bytes
+    n, k, n_blocks = a["n"], a["k"], a["n_blocks"]
+    group_size, tpr = 1 << a["group_shift"], 1 << a["slot_shift"]
+    row_bytes = (n_blocks * bits << a["group_shift"]) >> 3
+    xs = a["x"].float().numpy()
+    m = xs.shape[0]
+    xpad = np.zeros((m, n_blocks * group_size), np.float32)
+    xpad[:, :k] = xs  # load_x8: 0 past the end of the row
+    words = a["qweight"].reshape(-1).numpy()[: n * row_bytes].reshape(n, row_bytes).view("<u4")
+    scales = a["scales"].reshape(-1).float().numpy()[: n * n_blocks].reshape(n, n_blocks)
+    zeros = a["qzeros"].reshape(-1).numpy()[: n * a["zero_row_bytes"]].reshape(n, a["zero_row_bytes"])
     lanes = np.zeros((tpr, m, n), np.float32)
-    for u in range(plan.units):
+    for u in range(row_bytes // (4 * words_per_unit)):
         w = words[:, u * words_per_unit : (u + 1) * words_per_unit]
         code0 = u * codes_per_unit
         dot, sx = np.zeros((m, n), np.float32), np.zeros((m, 1), np.float32)
@@ -195,15 +197,29 @@ def emulate_qgemv(plan: launch.LaunchPlan, x, qw, sparse, bias) -> torch.Tensor:
             dot += xv @ q
             following = code0 + 8 * (c + 1)
             if c == codes_per_unit // 8 - 1 or following % group_size == 0:
-                group = (following - 1) >> plan.group_shift
+                group = (following - 1) >> a["group_shift"]
                 lanes[u % tpr] += scales[:, group] * (dot - zero_point(bits, zeros, group) * sx)
                 dot[:], sx[:] = 0.0, 0.0
-    if sparse is not None:
-        crow, col, values = sparse.crow.numpy(), sparse.col.numpy(), sparse.values.float().numpy()
+    if outliers:
+        crow, values = a["crow"].numpy(), a["values"].float().numpy()
+        col = a["col"].numpy().astype(np.int32 if a["col_is_int32"] else np.int16)
         for row in range(n):
             for e in range(crow[row], crow[row + 1]):
                 lanes[(e - crow[row]) % tpr, :, row] += values[e] * xs[:, col[e]]
-    return torch.from_numpy(lanes.sum(0) + bias.float().numpy()).half()
+    bias = 0.0 if a["bias"] is None else a["bias"].float().numpy()
+    a["out"].copy_(torch.from_numpy(lanes.sum(0) + bias))
+
+
+def run_emulated(x, qw, sparse, bias) -> torch.Tensor:
+    """The launcher's plan and arguments for CPU tensors, through :func:`emulate_kernel`."""
+    n, m = qw.out_features, x.shape[0]
+    plan = launch.plan_launch(n, qw.in_features, qw.bits, qw.group_size, m, sparse is not None)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16)
+    outliers = None if sparse is None else (sparse.crow, sparse.col, sparse.values)
+    args = launch.kernel_arguments(plan, x, qw.qweight, qw.scales, qw.qzeros, outliers, bias, out)
+    assert tuple(args) == launch.kernel_parameters()  # every parameter, in the kernel's order
+    emulate_kernel(plan.bits, plan.vec, plan.outliers, args)
+    return out
 
 
 @pytest.mark.parametrize("bits", quant.QUANT_BITS)
@@ -228,8 +244,7 @@ def test_emulated_kernel_matches_reference(bits, group_size, k):
     for m, outlier_frac in ((1, 0.0), (3, 0.03)):
         qw, sparse, bias = make_layer(n, k, bits, group_size, outlier_frac, seed=k + bits)
         x = random_x(m, k, seed=group_size)
-        plan = launch.plan_launch(n, k, bits, group_size, m, sparse is not None)
-        assert_close(emulate_qgemv(plan, x, qw, sparse, bias), qgemv_reference(x, qw, sparse, bias))
+        assert_close(run_emulated(x, qw, sparse, bias), qgemv_reference(x, qw, sparse, bias))
 
 
 def test_kernels_unavailable_without_a_visible_device():

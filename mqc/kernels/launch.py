@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,15 +157,54 @@ def _kernel(name: str):
 
 @functools.cache
 def _stream(pointer: int, device: int):
-    return _cupy().cuda.ExternalStream(pointer, device)
-
-
-def _pointer(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+    """CuPy's handle on a torch stream, so kernels queue behind torch's work (and into CUDA graphs
+    torch captures). ExternalStream is deprecated in CuPy 14 but is the one API CuPy 13 has too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _cupy().cuda.ExternalStream(pointer, device)
 
 
 def _aligned16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
+
+
+@functools.cache
+def kernel_parameters() -> tuple[str, ...]:
+    """The kernel's parameter names in order, read from qgemv.cu's signature, so that the
+    arguments are passed by name and a reordered signature cannot silently shift them."""
+    source = KERNEL_FILE.read_text()
+    signature = source[source.index("qgemv(") + len("qgemv(") : source.index(") {", source.index("qgemv("))]
+    pieces = re.sub(r"//[^\n]*", "", signature).split(",")
+    return tuple(re.findall(r"\w+", piece)[-1] for piece in pieces)
+
+
+def kernel_arguments(
+    plan: LaunchPlan,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> dict[str, torch.Tensor | int | None]:
+    """Every kernel argument by name: tensors (None for absent ones) and ints. Pure: the CPU
+    tests feed the same dictionary to an emulation of the kernel."""
+    crow, col, values = outliers if outliers is not None else (None, None, None)
+    return {
+        "x": x, "qweight": qweight, "scales": scales, "qzeros": qzeros,
+        "crow": crow, "col": col, "values": values, "bias": bias, "out": out,
+        "n": plan.n, "k": plan.k, "n_blocks": plan.n_blocks, "group_shift": plan.group_shift,
+        "zero_row_bytes": plan.zero_row_bytes, "slot_shift": plan.slot_shift,
+        "col_is_int32": int(col is not None and col.dtype == torch.int32),
+        "x_aligned": int(plan.k % 8 == 0 and _aligned16(x)),
+    }  # fmt: skip
+
+
+def _as_kernel_arg(value: torch.Tensor | int | None) -> np.generic:
+    if value is None or isinstance(value, torch.Tensor):
+        return np.uint64(0 if value is None else value.data_ptr())
+    return np.int32(value)
 
 
 def qgemv(
@@ -180,27 +221,25 @@ def qgemv(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] fp16 @ (W_hat + S)^T + bias`` in one launch on x's device and current stream."""
+    if x.dtype != torch.float16 or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"qgemv takes fp16 x [M, {in_features}], got {x.dtype} {tuple(x.shape)}")
     m, n = x.shape[0], qweight.shape[0]
     out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     if m == 0 or n == 0:
         return out
-    x = x.contiguous()
-    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
-    if not _aligned16(qweight):  # only a view into another buffer can be misaligned
-        qweight = qweight.clone()
     has_outliers = outlier_values is not None and outlier_values.numel() > 0
-    bias16 = None if bias is None else bias.to(torch.float16).contiguous()  # kept alive until launched
     plan = plan_launch(n, in_features, bits, group_size, m, has_outliers)
-    col_is_int32 = has_outliers and outlier_col.dtype == torch.int32
-    x_aligned = in_features % 8 == 0 and _aligned16(x)
-    args = (
-        _pointer(x), _pointer(qweight), _pointer(scales), _pointer(qzeros),
-        _pointer(outlier_crow if has_outliers else None), _pointer(outlier_col if has_outliers else None),
-        _pointer(outlier_values if has_outliers else None),
-        _pointer(bias16), _pointer(out),
-        np.int32(n), np.int32(in_features), np.int32(plan.n_blocks), np.int32(plan.group_shift),
-        np.int32(plan.zero_row_bytes), np.int32(plan.slot_shift), np.int32(col_is_int32), np.int32(x_aligned),
-    )  # fmt: skip
+    # Contiguous fp16 views of everything (a model converted with .float() carries fp32 scales
+    # and outlier values); a misaligned packed weight can only be a view into another buffer.
+    # The locals keep any converted copy alive until the launch is queued.
+    x, qzeros, scales = x.contiguous(), qzeros.contiguous(), scales.to(torch.float16).contiguous()
+    qweight = qweight.contiguous()
+    if not _aligned16(qweight):
+        qweight = qweight.clone()
+    outliers = (outlier_crow, outlier_col, outlier_values.to(torch.float16)) if has_outliers else None
+    bias = None if bias is None else bias.to(torch.float16).contiguous()
+    arguments = kernel_arguments(plan, x, qweight, scales, qzeros, outliers, bias, out)
+    args = tuple(_as_kernel_arg(arguments[name]) for name in kernel_parameters())
     kernel = _kernel(plan.kernel_name)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     with _cupy().cuda.Device(device), _stream(torch.cuda.current_stream(device).cuda_stream, device):
