@@ -16,6 +16,7 @@ import mqc
 from mqc.bench import _static_decode, decode_benchmark
 from mqc.capture import capture
 from mqc.errors import MqcError
+from mqc.kernels import launch
 from mqc.passes import keys
 from mqc.passes.base import PassManager
 from mqc.passes.fuse import FuseSiblings, fusable_groups, fuse_group
@@ -190,3 +191,27 @@ def test_slice_records_point_at_their_fused_module():
     assert up.config() == {"tied_to": target, "index": 1}
     assert FusedSlice.from_config(up.config(), root).fused is root.get_submodule(target)
     assert (up.in_features, up.out_features) == (64, 40)
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not launch.kernels_available(), reason="needs CuPy and a CUDA device")
+def test_fused_model_decodes_on_gpu_like_on_cpu():
+    """fp16 on the GPU (fused kernels for the single-token steps) against fp32 on the CPU: the
+    greedy tokens of both decode loops agree with each other, the logits with the CPU's within
+    fp16 precision (5e-3 of max |logit|)."""
+    result = compiled("llama")
+    PassManager([FuseSiblings()]).run(result.context)
+    prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu_logits = result.model(prompt).logits
+        model = result.model.to("cuda", torch.float16)
+        gpu_logits = model(prompt.cuda()).logits.float().cpu()
+        step = model(prompt[:, -1:].cuda(), past_key_values=model(prompt[:, :-1].cuda()).past_key_values).logits
+    assert float((gpu_logits - cpu_logits).abs().max()) <= 5e-3 * float(cpu_logits.abs().max())
+    assert float((step.float().cpu()[0, -1] - cpu_logits[0, -1]).abs().max()) <= 5e-3 * float(cpu_logits.abs().max())
+    eager = decode_benchmark(model, prompt, 12, "cuda")
+    graphed = decode_benchmark(model, prompt, 12, "cuda", cuda_graph=True)
+    assert graphed["tokens"] == eager["tokens"] and graphed["mode"] == "cuda_graph", graphed.get("cuda_graph_error")

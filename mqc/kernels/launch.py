@@ -88,6 +88,7 @@ def all_kernel_names() -> list[str]:
     ]
 
 
+@functools.lru_cache(maxsize=4096)  # called on every decode step: the shapes repeat
 def plan_launch(n: int, k: int, bits: int, group_size: int, m: int, outliers: bool) -> LaunchPlan:
     """The launch of ``out[m, n] = x[m, k] W^T`` for a weight packed by :mod:`mqc.quant` whose
     base address is 16-byte aligned (:func:`qgemv` makes sure of that)."""
