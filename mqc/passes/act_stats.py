@@ -23,7 +23,7 @@ def calibration_forward(ctx: CompileContext, desc: str):
     for start in tqdm(range(0, calib.shape[0], CALIB_BATCH), desc=desc, disable=not ctx.progress, leave=False):
         batch = calib[start : start + CALIB_BATCH].to(device)
         with torch.no_grad():
-            ctx.model(input_ids=batch)
+            ctx.model(input_ids=batch, use_cache=False)
         yield batch
 
 

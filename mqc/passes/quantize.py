@@ -137,7 +137,7 @@ class SequentialGPTQ(QuantizeModules):
                 seen.clear()
                 try:
                     with torch.no_grad():
-                        model(input_ids=calib[start : start + CALIB_BATCH].to(device))
+                        model(input_ids=calib[start : start + CALIB_BATCH].to(device), use_cache=False)
                 except _StopForward:
                     pass
         finally:
