@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
     c.add_argument("--allowed-group-sizes", type=_parse_bits_list,
                    help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
-    c.add_argument("--quantizer", choices=["rtn", "gptq"], help="default: rtn for --method rtn, gptq for mq")
+    c.add_argument("--quantizer", choices=["rtn", "gptq"], help="lowering: round-to-nearest (default) or sequential GPTQ")
     c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
     c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip

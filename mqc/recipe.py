@@ -78,7 +78,7 @@ class Recipe:
     skip: tuple[str, ...] = ()
     outlier_frac: float = 0.0
     sensitivity: str = "first_order"  # "first_order" | "fisher"
-    quantizer: str | None = None  # "rtn" | "gptq"; None: rtn for method rtn, gptq for mq
+    quantizer: str = "rtn"  # "rtn" | "gptq" (sequential GPTQ lowering, opt-in)
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
 
@@ -110,7 +110,7 @@ class Recipe:
             raise RecipeError(f"outlier_frac {self.outlier_frac} must be in [0, 0.5)")
         if self.sensitivity not in ("first_order", "fisher"):
             raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'first_order' or 'fisher'")
-        if self.quantizer not in (None, "rtn", "gptq"):
+        if self.quantizer not in ("rtn", "gptq"):
             raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
         if self.kv is not None:
             if self.kv.method not in ("svd", "asvd"):
@@ -135,7 +135,7 @@ class Recipe:
 
     @property
     def uses_gptq(self) -> bool:
-        return (self.quantizer or ("gptq" if self.method == "mq" else "rtn")) == "gptq"
+        return self.quantizer == "gptq"
 
     @property
     def group_sizes(self) -> tuple[int, ...]:

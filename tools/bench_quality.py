@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--outliers", type=float, default=0.005)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--group-sizes", type=int, nargs="*", default=[64, 128], help="mq: per-layer group size choices")
-    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="gptq", help="mq lowering")
+    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn", help="mq lowering")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=32)
