@@ -14,6 +14,7 @@ from mqc.passes.kv_lowrank import Factorization, balance, relative_error, train_
 from mqc.runtime.kv import KVSettings, LowRankKVCache, Sections, kv_accounting
 
 WINDOW = 8
+SINKS = 4  # the runtime default
 CALIB = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
@@ -72,16 +73,20 @@ def test_one_forward_equals_token_by_token_decoding(low_rank_4bit):
     assert torch.allclose(stepwise, one, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("prefill,total", [(5, 6), (20, 20), (20, 33)])
-def test_cache_holds_window_plus_compressed_tokens(low_rank_4bit, prefill, total):
+@pytest.mark.parametrize("prefill,total", [(3, 3), (5, 6), (20, 20), (20, 33)])
+def test_cache_holds_sinks_window_and_compressed_tokens(low_rank_4bit, prefill, total):
     _, result = low_rank_4bit
     _, cache = stepwise_logits(result.model, ids(length=total), prefill)
     assert isinstance(cache, LowRankKVCache)
     settings = KVSettings.of(result.model.config)
-    old = max(0, total - WINDOW)
+    assert settings.sinks == SINKS
+    sinks = min(total, SINKS)
+    window = min(total - sinks, WINDOW)
+    old = total - sinks - window
     for layer in cache.layers:
-        assert layer.keys.shape[-2] == layer.values.shape[-2] == min(total, WINDOW)
-        assert layer.pending_k.shape[1] == min(total, WINDOW)
+        assert layer.head_keys.shape[-2] == layer.head_values.shape[-2] == sinks
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == window
+        assert layer.pending_k.shape[1] == window
         assert len(layer.k_store) == len(layer.v_store) == old
         assert layer.k_store.nbytes() == 2 * old * settings.feature_bytes(layer.site.k_proj.rank)
     assert cache.get_seq_length() == total
@@ -89,12 +94,16 @@ def test_cache_holds_window_plus_compressed_tokens(low_rank_4bit, prefill, total
 
 
 def test_sections_layout():
-    assert Sections.of(past=0, new=40, window=8) == Sections(total=40, rebuilt=32, exact_start=0)
-    decode = Sections.of(past=40, new=1, window=8)
-    assert (decode.rebuilt, decode.exact_start, decode.length, decode.overlapping) == (33, 33, 41, False)
-    chunk = Sections.of(past=40, new=4, window=8)
-    assert chunk.length == 36 + 44 - 33 and chunk.overlapping
-    assert chunk.sequence_index(torch.tensor([0, 35, 36, 46])).tolist() == [0, 35, 33, 43]
+    prefill = Sections.of(past=0, new=40, window=8, sinks=4, head=4)
+    assert prefill == Sections(total=40, head=4, rebuilt_start=4, rebuilt_end=32, exact_start=4)
+    decode = Sections.of(past=40, new=1, window=8, sinks=4, head=4)
+    assert (decode.rebuilt, decode.exact_start, decode.length) == (29, 33, 41)  # [0, 41) in order
+    chunk = Sections.of(past=40, new=4, window=8, sinks=4, head=4)
+    assert chunk.length == 4 + 32 + 44 - 33
+    assert chunk.sequence_index(torch.tensor([0, 3, 4, 35, 36, 46])).tolist() == [0, 3, 4, 35, 33, 43]
+    padded = Sections.of(past=0, new=12, window=8, sinks=4, head=4 + 5)  # 5 tokens of left padding
+    assert (padded.head, padded.rebuilt_start, padded.rebuilt_end) == (9, 4, 4)
+    assert padded.sequence_index(torch.tensor([8, 9, 16])).tolist() == [8, 4, 11]
 
 
 def test_generate_64_tokens_across_window_batched_and_padded(low_rank_4bit):
@@ -144,7 +153,8 @@ def test_accounting_counts_stored_bytes(low_rank_4bit):
     per_feature = quant.weight_bytes(1, 12, 4, 32)
     assert per_feature == 16 + 2 + 1
     assert layer["bytes_per_token_after"] == 2 * per_feature
-    total = 2 * (WINDOW * (192 + 2 * 12 * 2) + (100 - WINDOW) * 2 * per_feature) + 100 * 4
+    exact = SINKS * 192 + WINDOW * (192 + 2 * 12 * 2)  # sinks; window K/V + pending features
+    total = 2 * (exact + (100 - SINKS - WINDOW) * 2 * per_feature) + 100 * 4
     assert report["cache_bytes_after"] == total
     assert report["cache_bytes_before"] == 100 * 2 * 192
     assert kv_accounting(mqc.tiny_model("llama")) is None

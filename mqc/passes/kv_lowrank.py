@@ -32,6 +32,8 @@ replaces each projection and :func:`mqc.runtime.kv.install` makes the model use 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +46,32 @@ from mqc.passes.act_stats import CALIB_BATCH
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.bit_alloc import solve_mckp
 from mqc.recipe import KVRecipe
-from mqc.runtime.kv import FULL_BYTES, KVSettings, LowRankKVProj, check_supported, install
+from mqc.runtime.kv import FULL_BYTES, SINK_TOKENS, KVSettings, LowRankKVProj, check_supported, install
 
 RANK_GRID = 16  # ranks tried per projection under a budget: width * i / 16
 TRAIN_TOKENS = 4096  # calibration tokens kept per layer for training (plus a held-out eighth)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the small dense linear algebra of this pass on one thread. Its matrices are at most a
+    few hundred wide, so threads buy nothing; on a loaded machine, OpenMP barriers made a
+    192x576 SVD take 1.7 s on 2 threads against 12 ms on one (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def least_squares(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``B [out, r]`` minimising ``||features @ B^T - target||``, by the normal equations in float64
+    (features are unit-RMS after balancing, so well conditioned; a 1e-10 ridge guards dead ones)."""
+    f = features.double()
+    gram = f.T @ f
+    gram += torch.eye(gram.shape[0], dtype=gram.dtype) * (1e-10 * gram.diagonal().mean() + 1e-30)
+    return torch.linalg.solve(gram, f.T @ target.double()).T.float()
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,7 @@ def train_factors(
         features = train @ down.T
         if bits is not None:
             features = quant.fake_quantize(features, bits, group)
-        up = torch.linalg.lstsq(features, target).solution.T
+        up = least_squares(features, target)
         error = relative_error(down, up, weight, test, bits, group).item()
         if error < best[2]:
             best = (down, up, error)
@@ -237,12 +261,16 @@ class KVLowRank(Pass):
     requires = (keys.GRAPH, keys.QUANTIZED)
     produces = (keys.KV_PLAN, keys.KV_REWRITTEN)
 
-    def __init__(self, kv: KVRecipe | None = None):
+    def __init__(self, kv: KVRecipe | None = None, inputs: dict[str, torch.Tensor] | None = None):
         """``kv``: the recipe's KV settings, to declare the calibration results it needs; None
-        reads ``ctx.recipe.kv`` at run time (and then checks those results itself)."""
-        self.kv = kv
+        reads ``ctx.recipe.kv`` at run time (and then checks those results itself).
+        ``inputs``: calibration inputs ``[n, in]`` of each layer's K projection (as from
+        :func:`collect_inputs`), to reuse across compilations of one model instead of collecting
+        them from ``ctx[CALIB]`` each time."""
+        self.kv, self.inputs = kv, inputs
         if kv is not None:
-            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if kv.train_steps else ())
+            trains_from_calib = kv.train_steps and inputs is None
+            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if trains_from_calib else ())
             self.requires = type(self).requires + extra
 
     def _recipe(self, ctx: CompileContext) -> KVRecipe:
@@ -253,7 +281,8 @@ class KVLowRank(Pass):
             raise RecipeError(f"kv budget_frac {kv.budget_frac} must be a fraction in (0, 1]")
         if kv.window < 1 or kv.train_steps < 0:
             raise RecipeError(f"kv window ({kv.window}) must be >= 1 and train_steps ({kv.train_steps}) >= 0")
-        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if kv.train_steps else ())
+        trains_from_calib = kv.train_steps and self.inputs is None
+        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if trains_from_calib else ())
         for key in needed:
             if key not in ctx:
                 raise PassContractError(f"pass {self.name} needs {key!r} for kv method {kv.method!r}/training")
@@ -285,12 +314,14 @@ class KVLowRank(Pass):
         check_supported(model)
         layers = self._projections(ctx)
         names = [n for _, k, v in layers for n in (k, v)]
-        settings = KVSettings(window=kv.window, quant_bits=kv.quant_bits)
+        # sink_tokens is not a KVRecipe field yet: the runtime default until it is
+        settings = KVSettings(kv.window, kv.quant_bits, sinks=getattr(kv, "sink_tokens", SINK_TOKENS))
         stats = ctx.results.get(keys.ACT_STATS, {})
         weights = {n: model.get_submodule(n).weight.detach().float() for n in names}
-        factorizations = [
-            Factorization(weights[n], _scale_of(stats[n]) if kv.method == "asvd" else None) for n in names
-        ]
+        with single_threaded():
+            factorizations = [
+                Factorization(weights[n], _scale_of(stats[n]) if kv.method == "asvd" else None) for n in names
+            ]
         if kv.budget_frac is None:
             ranks = uniform_ranks([f.width for f in factorizations], kv.rank)
         else:
@@ -318,15 +349,17 @@ class KVLowRank(Pass):
     ) -> dict[str, tuple[float, float]]:
         """Train every projection's factors in place in ``factors``; (held-out error before, after).
         K and V of a layer read the same input, collected once."""
-        k_names = [k for _, k, _ in layers]
-        inputs = collect_inputs(ctx.model, k_names, ctx[keys.CALIB], TRAIN_TOKENS * 9 // 8, progress=ctx.progress)
+        inputs = self.inputs
+        if inputs is None:
+            k_names = [k for _, k, _ in layers]
+            inputs = collect_inputs(ctx.model, k_names, ctx[keys.CALIB], TRAIN_TOKENS * 9 // 8, progress=ctx.progress)
         errors = {}
-        for index, (_, k, v) in enumerate(tqdm(layers, desc="kv training", disable=not ctx.progress, leave=False)):
-            x = inputs.pop(k)
-            for offset, name in enumerate((k, v)):
-                down, up, before, after = train_factors(
-                    *factors[name], weights[name], x, kv.train_steps, settings, seed=2 * index + offset
-                )
-                factors[name] = (down, up)
-                errors[name] = (before, after)
+        with single_threaded():
+            for index, (_, k, v) in enumerate(tqdm(layers, desc="kv training", disable=not ctx.progress, leave=False)):
+                for offset, name in enumerate((k, v)):
+                    down, up, before, after = train_factors(
+                        *factors[name], weights[name], inputs[k], kv.train_steps, settings, seed=2 * index + offset
+                    )
+                    factors[name] = (down, up)
+                    errors[name] = (before, after)
         return errors
