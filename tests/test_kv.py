@@ -140,7 +140,7 @@ def test_artifact_roundtrip_generates_same_tokens(tmp_path):
         assert torch.equal(result.model(x).logits, loaded(x).logits)  # factors stored fp16: bit-identical
     greedy = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(result.model.generate(x, **greedy), loaded.generate(x, **greedy))
-    assert kv_accounting(loaded) == kv_accounting(result.model)
+    assert kv_accounting(loaded) == kv_accounting(result.model) == kv_accounting(tmp_path / "art")
 
 
 def test_accounting_counts_stored_bytes(low_rank_4bit):

@@ -6,28 +6,30 @@ offers, and nowhere else:
 1. **Projections.** Each layer's ``k_proj``/``v_proj`` becomes a :class:`LowRankKVProj`. Its
    output is the *exact* projection ``W x + b`` (the window branch, as in CSKV), and it leaves the
    low-rank features ``c = A x`` of the same tokens in ``proj.features`` for the cache to take.
-2. **Cache.** :class:`LowRankKVCache` keeps, per layer, the exact post-RoPE K/V of the first
-   ``sinks`` tokens and of the last ``window`` tokens (the latter with their features, waiting to
-   be compressed), and the features of every token in between, in fp16 or group-quantized per
-   token to 2/4/8 bits with :mod:`mqc.quant`. Those K/V are rebuilt as ``B c + b`` (then
-   ``k_norm`` where the family has one, then RoPE at each token's own position). ``update``
-   returns three key sections: the exact sinks, the rebuilt middle, the exact recent tokens (see
-   :class:`Sections`).
+2. **Cache.** :class:`LowRankKVCache` keeps, per layer, the exact post-RoPE K/V of each row's
+   first ``sinks`` tokens and of the last ``window`` tokens (the latter with their features,
+   waiting to be compressed), and the features of every token in between, in fp16 or
+   group-quantized per token to 2/4/8 bits with :mod:`mqc.quant`. Those K/V are rebuilt as
+   ``B c + b`` (then ``k_norm`` where the family has one, then RoPE at each token's own
+   position). ``update`` returns three runs of keys: exact head (the sinks), rebuilt middle,
+   exact recent tokens (see :class:`Sections`).
 3. **Mask.** The attention mask function registered under :data:`ATTN_IMPLEMENTATION` lets a
    query at position ``t`` see a middle key ``s`` *rebuilt* when ``t - s >= window`` and *exact*
-   otherwise. Decoding one token, the sections do not overlap and this is the ordinary causal
-   mask; for a multi-token forward (prefill, perplexity) every query sees exactly what it would
-   have seen decoding token by token, so one forward measures compressed decoding.
+   otherwise, and the sinks exact. Decoding one token without padding, the runs do not overlap
+   and this is the ordinary causal mask; for a multi-token forward (prefill, perplexity) every
+   query sees exactly what it would have seen decoding token by token, so one forward measures
+   compressed decoding.
+4. **Cache installation.** A forward pre-hook on the model swaps the default (empty) cache for a
+   :class:`LowRankKVCache` and records the forward's position ids, so ``model(...)`` and
+   ``model.generate(...)`` use the compressed cache without the caller passing anything.
 
 The sinks are an addition to CSKV (StreamingLLM's attention sinks): the first tokens of a
 sequence draw a large share of the attention of every later query, and their K/V, unlike typical
 tokens', are poorly reconstructed by factors fitted on typical tokens. On SmolLM2 at rank 0.5,
 keeping 4 of them exact lowered perplexity from 25.6 to 24.9 (base 23.9) untrained, and from
-28.5 to 24.8 with reconstruction training, which without them made perplexity worse (measured
-on 2048 Brown evaluation tokens at context 1024).
-4. **Cache installation.** A forward pre-hook on the model swaps the default (empty) cache for a
-   :class:`LowRankKVCache` and records the forward's position ids, so ``model(...)`` and
-   ``model.generate(...)`` use the compressed cache without the caller passing anything.
+28.5 to 24.8 with reconstruction training, which without them made perplexity worse (2048 Brown
+evaluation tokens at context 1024). They are counted after a row's left padding, so a padded
+batch generates what each of its rows generates alone.
 
 Without a cache (``use_cache=False``) the model computes exact attention: every token is then in
 the window. Settings shared by all layers (window, sinks, feature bits and group size) live in
@@ -42,6 +44,7 @@ that RoPE needs when rebuilding (one int32 per token for the whole model).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -160,7 +163,7 @@ class LowRankKVProj(torch.nn.Module):
 
 
 @dataclass(frozen=True)
-class KVSite:
+class CompressedAttention:
     """One compressed attention layer of a model: its module and projections."""
 
     layer: int
@@ -169,10 +172,10 @@ class KVSite:
     v_proj: LowRankKVProj
 
 
-def lowrank_sites(model: torch.nn.Module) -> list[KVSite]:
+def lowrank_sites(model: torch.nn.Module) -> list[CompressedAttention]:
     """The compressed attention layers of ``model``, in layer order."""
     sites = [
-        KVSite(module.layer_idx, module, module.k_proj, module.v_proj)
+        CompressedAttention(module.layer_idx, module, module.k_proj, module.v_proj)
         for module in model.modules()
         if isinstance(getattr(module, "k_proj", None), LowRankKVProj)
     ]
@@ -355,7 +358,7 @@ class LowRankKVLayer(CacheLayerMixin):
     """One layer's bi-branch cache: exact head (sinks) and window K/V (+ the window's pending
     features) and compressed features of the tokens in between (see :class:`Sections`)."""
 
-    def __init__(self, cache: LowRankKVCache, site: KVSite, settings: KVSettings):
+    def __init__(self, cache: LowRankKVCache, site: CompressedAttention, settings: KVSettings):
         super().__init__()
         self.cache, self.site, self.window, self.sinks = cache, site, settings.window, settings.sinks
         self.length = 0
@@ -585,31 +588,55 @@ def install(model: torch.nn.Module, settings: KVSettings | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 # accounting
 # --------------------------------------------------------------------------------------------
-def kv_accounting(model: torch.nn.Module, context: int | None = None) -> dict[str, Any] | None:
-    """KV-cache bytes per token per layer before (fp16 K/V) and after (compressed features), and,
-    with ``context``, the bytes of a whole cache of that many tokens (sinks, window, features,
-    positions).
+def _projections(source: torch.nn.Module | str | os.PathLike) -> tuple[dict[str, dict[str, int]], Any]:
+    """({qualname: {"rank", "out_features"}} of the low-rank K/V projections, HF config) of a
+    model, or of an artifact directory from its manifest and config alone (no weights read)."""
+    if isinstance(source, torch.nn.Module):
+        found = {
+            name: {"rank": m.rank, "out_features": m.out_features}
+            for name, m in source.named_modules()
+            if isinstance(m, LowRankKVProj)
+        }
+        return found, source.config
+    from transformers import AutoConfig
 
-    Returns None for a model without low-rank K/V. See the module docstring for what is counted.
+    from mqc.runtime.artifact import read_manifest
+
+    records = read_manifest(source)["modules"].items()
+    found = {name: r["config"] for name, r in records if r["kind"] == LowRankKVProj.kind}
+    return found, AutoConfig.from_pretrained(source, local_files_only=True)
+
+
+def kv_accounting(source: torch.nn.Module | str | os.PathLike, context: int | None = None) -> dict[str, Any] | None:
+    """KV-cache bytes per token per attention layer before (fp16 K/V) and after (compressed
+    features), and, with ``context``, the bytes of a whole cache of that many tokens (sinks,
+    window, features, positions) before and after.
+
+    ``source``: a compiled model or an artifact directory. None when it has no low-rank K/V.
+    See the module docstring for what is counted.
     """
-    sites = lowrank_sites(model)
-    if not sites:
+    projections, config = _projections(source)
+    if not projections:
         return None
-    settings = KVSettings.of(model.config)
+    settings = KVSettings.of(config)
+    attentions: dict[str, dict[str, dict[str, int]]] = {}
+    for name, proj in projections.items():
+        parent, role = name.rsplit(".", 1)
+        attentions.setdefault(parent, {})[role] = proj
     rows = []
-    for site in sites:
-        k, v = site.k_proj, site.v_proj
-        before = (k.out_features + v.out_features) * FULL_BYTES
+    for attention, pair in attentions.items():
+        k, v = pair["k_proj"], pair["v_proj"]
+        before = (k["out_features"] + v["out_features"]) * FULL_BYTES
         rows.append(
             {
-                "layer": site.layer,
-                "k_rank": k.rank,
-                "v_rank": v.rank,
-                "k_width": k.out_features,
-                "v_width": v.out_features,
+                "attention": attention,
+                "k_rank": k["rank"],
+                "v_rank": v["rank"],
+                "k_width": k["out_features"],
+                "v_width": v["out_features"],
                 "bytes_per_token_before": before,
-                "bytes_per_token_after": settings.feature_bytes(k.rank) + settings.feature_bytes(v.rank),
-                "window_bytes_per_token": before + (k.rank + v.rank) * FULL_BYTES,
+                "bytes_per_token_after": settings.feature_bytes(k["rank"]) + settings.feature_bytes(v["rank"]),
+                "window_bytes_per_token": before + (k["rank"] + v["rank"]) * FULL_BYTES,
             }
         )
     before = sum(r["bytes_per_token_before"] for r in rows)
@@ -631,3 +658,28 @@ def kv_accounting(model: torch.nn.Module, context: int | None = None) -> dict[st
         result.update(context=context, cache_bytes_before=context * before, cache_bytes_after=total)
         result["reduction_at_context"] = 1.0 - total / (context * before)
     return result
+
+
+def kv_summary_lines(accounting: dict[str, Any]) -> list[str]:
+    """Human-readable lines of :func:`kv_accounting` for ``mqc compile`` reports and ``mqc inspect``."""
+    a = accounting
+    bits = f"{a['quant_bits']}-bit (g{a['group_size']})" if a["quant_bits"] else "fp16"
+    k_ranks = [r["k_rank"] / r["k_width"] for r in a["layers"]]
+    v_ranks = [r["v_rank"] / r["v_width"] for r in a["layers"]]
+    ranks = (
+        f"low-rank KV cache: {len(a['layers'])} layers, K rank {min(k_ranks):.2f}-{max(k_ranks):.2f}, "
+        f"V rank {min(v_ranks):.2f}-{max(v_ranks):.2f} of width, {bits} features, "
+        f"window {a['window']}, {a['sinks']} sink tokens"
+    )
+    per_token = (
+        f"KV bytes per token (all layers): {a['bytes_per_token_before']:,} fp16 -> "
+        f"{a['bytes_per_token_after']:,} + {a['position_bytes_per_token']} position "
+        f"({a['reduction']:.1%} smaller beyond the window)"
+    )
+    lines = [ranks, per_token]
+    if "context" in a:
+        lines.append(
+            f"KV cache at {a['context']:,} tokens: {a['cache_bytes_before'] / 2**20:.2f} MiB -> "
+            f"{a['cache_bytes_after'] / 2**20:.2f} MiB ({a['reduction_at_context']:.1%} smaller)"
+        )
+    return lines
