@@ -18,11 +18,11 @@ SINKS = 4  # the runtime default
 CALIB = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-def compiled(kv: mqc.KVRecipe, family: str = "llama", bits: float = 16):
+def compiled(kv: mqc.KVRecipe, family: str = "llama", method: str = "rtn", bits: float = 16):
     model = mqc.tiny_model(family)
     original = copy.deepcopy(model)
-    result = mqc.compile(model, mqc.Recipe(bits=bits, group_size=32, kv=kv), calib=CALIB, progress=False)
-    return original, result
+    recipe = mqc.Recipe(method=method, bits=bits, group_size=32, kv=kv)
+    return original, mqc.compile(model, recipe, calib=CALIB, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_generate_64_tokens_across_window_batched_and_padded(low_rank_4bit):
 
 def test_artifact_roundtrip_generates_same_tokens(tmp_path):
     kv = mqc.KVRecipe(rank=0.5, method="asvd", window=WINDOW, quant_bits=4, train_steps=10)
-    _, result = compiled(kv, bits=4)
+    _, result = compiled(kv, method="mq", bits=3)  # with mixed-precision weights, as `--method mq --bits 3`
     mqc.save(result, tmp_path / "art")
     loaded, _ = mqc.load(tmp_path / "art")
     assert loaded.config._attn_implementation == mqc.runtime.kv.ATTN_IMPLEMENTATION
