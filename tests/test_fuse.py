@@ -19,7 +19,7 @@ from mqc.errors import MqcError
 from mqc.kernels import launch
 from mqc.passes import keys
 from mqc.passes.base import PassManager
-from mqc.passes.fuse import FuseSiblings, fusable_groups, fuse_group
+from mqc.passes.fuse import FuseSiblings, fusable_groups, fuse_group, fuse_model
 from mqc.runtime.fused import FusedQLinear, FusedSlice
 from mqc.runtime.modules import QLinear
 
@@ -107,6 +107,24 @@ def test_fused_artifact_round_trips(fused_case, tmp_path):
     assert isinstance(model.get_submodule(result.context[keys.FUSION_GROUPS][0][1]), FusedSlice)
     with torch.no_grad():
         assert float((model(ids).logits - before).abs().max()) <= LOGIT_ATOL
+
+
+def test_recording_pass_and_fuse_model_give_the_same_groups(tmp_path):
+    """rewrite=False records the groups and leaves every layer a QLinear; fuse_model (capturing
+    the model itself) later fuses exactly those groups, once, in memory or after loading."""
+    result = compiled("qwen2", outlier_frac=0.0)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = result.model(ids).logits
+    PassManager([FuseSiblings(rewrite=False)]).run(result.context)
+    recorded = result.context[keys.FUSION_GROUPS]
+    assert recorded and all(type(result.model.get_submodule(n)) is QLinear for g in recorded for n in g)
+    loaded, _ = mqc.load(mqc.save(result, tmp_path / "art"))
+    assert fuse_model(loaded) == recorded
+    assert fuse_model(result.model) == recorded
+    assert fuse_model(result.model) == []
+    with torch.no_grad():
+        assert float((result.model(ids).logits - before).abs().max()) <= LOGIT_ATOL
 
 
 def test_fuse_pass_waits_for_extra_keys():

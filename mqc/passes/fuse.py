@@ -10,6 +10,11 @@ with unchanged outputs: fusing only concatenates rows of the packed layout.
 
 Runs after lowering (it needs the :class:`QLinear` modules) and, when the recipe has a low-rank
 KV cache, after that rewrite too (pass ``after=(keys.KV_REWRITTEN,)``).
+
+Fusion is a lowering for the GPU runtime, so it can also happen later: ``FuseSiblings(rewrite=
+False)`` only records the groups (artifacts then keep one record and one set of tensors per
+layer, as the ONNX exporter and the per-layer byte accounting read them), and
+:func:`fuse_model` fuses a loaded model just before it moves to the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections import defaultdict
 
 import torch
 
+from mqc.capture import capture, module_path
+from mqc.graph import _PASS_THROUGH
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.runtime.fused import FusedQLinear, FusedSlice, fusion_key
@@ -60,25 +67,52 @@ def fuse_group(model: torch.nn.Module, names: tuple[str, ...]) -> str:
     return target
 
 
+def shared_input_qlinears(model: torch.nn.Module) -> list[tuple[str, ...]]:
+    """Groups of quantized layers reading one tensor, from a capture of a compiled model (its
+    layers are ``mqc::qlinear`` ops there, which :class:`~mqc.graph.GraphView` does not list)."""
+    by_input: dict[str, list[str]] = defaultdict(list)
+    for node in capture(model).graph_module.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.mqc.qlinear.default:
+            source = node.args[0]
+            while source.op == "call_function" and source.target in _PASS_THROUGH:
+                source = source.args[0]
+            by_input[source.name].append(module_path(node))
+    return [tuple(group) for group in by_input.values() if len(group) > 1]
+
+
+def fuse_model(model: torch.nn.Module, groups: list[tuple[str, ...]] | None = None) -> list[tuple[str, ...]]:
+    """Fuse a compiled (or loaded) model in place; the groups fused. Without ``groups`` they are
+    found by capturing the model (seconds on the CPU). Idempotent: fused siblings are no longer
+    :class:`QLinear` modules, so a second call finds nothing."""
+    if groups is None:
+        groups = fusable_groups(model, shared_input_qlinears(model))
+    for names in groups:
+        fuse_group(model, names)
+    return groups
+
+
 class FuseSiblings(Pass):
-    """Fuse every fusable shared-input group; records the groups under ``FUSION_GROUPS``."""
+    """Fuse every fusable shared-input group (or, with ``rewrite=False``, only find them);
+    records the groups under ``FUSION_GROUPS``."""
 
     name = "fuse"
     requires = (keys.GRAPH, keys.QUANTIZED)
     produces = (keys.FUSION_GROUPS,)
 
-    def __init__(self, after: tuple[str, ...] = ()):
+    def __init__(self, rewrite: bool = True, after: tuple[str, ...] = ()):
         """``after``: extra keys to wait for (e.g. ``KV_REWRITTEN``) so later rewrites see the
         original modules."""
+        self.rewrite = rewrite
         if after:
             self.requires = type(self).requires + tuple(after)
 
     def run(self, ctx: CompileContext) -> PassResult:
         groups = fusable_groups(ctx.model, ctx[keys.GRAPH].shared_input_groups)
-        for names in groups:
-            fuse_group(ctx.model, names)
+        if self.rewrite:
+            fuse_model(ctx.model, groups)
         ctx.results[keys.FUSION_GROUPS] = groups
         layers = sum(len(g) for g in groups)
+        done = "fused" if self.rewrite else "fusable (recorded, not rewritten)"
         return PassResult(
-            bool(groups), f"{len(groups)} groups fused ({layers} layers, {len(groups)} launches instead of {layers})"
+            self.rewrite and bool(groups), f"{len(groups)} groups {done}: {len(groups)} launches instead of {layers}"
         )
