@@ -85,6 +85,8 @@ def fuse_model(model: torch.nn.Module, groups: list[tuple[str, ...]] | None = No
     found by capturing the model (seconds on the CPU). Idempotent: fused siblings are no longer
     :class:`QLinear` modules, so a second call finds nothing."""
     if groups is None:
+        if not any(type(m) is QLinear for m in model.modules()):
+            return []  # a float model, or one already fused: nothing to capture for
         groups = fusable_groups(model, shared_input_qlinears(model))
     for names in groups:
         fuse_group(model, names)
