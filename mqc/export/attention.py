@@ -64,21 +64,33 @@ def heads(g: GraphBuilder, x: str, n_heads: int, head_dim: int) -> str:
 
 
 def causal_bias(
-    g: GraphBuilder, q_positions: str, k_positions: str, mask: str | None, window: int | None, rebuilt_window: int | None = None
+    g: GraphBuilder,
+    q_positions: str,
+    k_positions: str,
+    mask: str | None = None,
+    window: int | None = None,
+    min_distance: int | None = None,
+    min_key: int | None = None,
 ) -> str:
-    """Additive mask ``[B or 1, 1, 1, S, T]``: 0 where query ``i`` may see key ``j``, else NEG.
+    """Additive mask ``[B or 1, 1, 1, S, T]``: 0 where query ``q`` may see key ``k``, else NEG.
 
-    Visible: ``k <= q`` (and ``q - k < window`` for a sliding window; with ``rebuilt_window``
-    ``w``, only keys with ``q - k >= w``: the rebuilt section of a low-rank cache), and the
-    attention mask is 1 at ``j``.
+    Visible: ``k <= q``; and ``q - k < window`` (sliding window, or the exact window of a
+    low-rank cache); ``q - k >= min_distance`` (the rebuilt copies of a low-rank cache);
+    ``k >= min_key`` (keys past the attention sinks); the attention mask is 1 at ``k``
+    (``mask`` is indexed by key position, so only for keys ``[0, T)`` in order).
     """
     q = g.op("Unsqueeze", [q_positions, g.const([1])])  # [S, 1]
-    distance = g.op("Sub", [q, g.op("Unsqueeze", [k_positions, g.const([0])])])  # [S, T]: q - k
+    k = g.op("Unsqueeze", [k_positions, g.const([0])])  # [1, T]
+    distance = g.op("Sub", [q, k])  # [S, T]: q - k
     visible = g.op("GreaterOrEqual", [distance, g.const(0)])
-    if window is not None:
-        visible = g.op("And", [visible, g.op("Less", [distance, g.const(window)])])
-    if rebuilt_window is not None:
-        visible = g.op("And", [visible, g.op("GreaterOrEqual", [distance, g.const(rebuilt_window)])])
+    conditions = [
+        (window, lambda: g.op("Less", [distance, g.const(window)])),
+        (min_distance, lambda: g.op("GreaterOrEqual", [distance, g.const(min_distance)])),
+        (min_key, lambda: g.op("GreaterOrEqual", [k, g.const(min_key)])),
+    ]
+    for value, condition in conditions:
+        if value is not None:
+            visible = g.op("And", [visible, condition()])
     if mask is not None:
         padding = g.op("Cast", [g.op("Unsqueeze", [mask, g.const([1])])], to=BOOL)  # [B, 1, T]
         visible = g.op("And", [visible, padding])  # [B, S, T]

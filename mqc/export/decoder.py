@@ -72,6 +72,11 @@ class DecoderSpec:
             config.max_position_embeddings,
         )  # fmt: skip
 
+    @property
+    def uses_gqa(self) -> bool:
+        """Whether plain K/V layers use ``GroupQueryAttention`` (else the explicit path)."""
+        return self.head_dim % GQA_HEAD_MULTIPLE == 0
+
     def kv_shape(self, length: str) -> list[int | str]:
         return [BATCH, self.n_kv_heads, length, self.head_dim]
 
@@ -204,7 +209,7 @@ class DecoderGraph:
             from mqc.export.lowrank import emit_lowrank_attention
 
             out = emit_lowrank_attention(self, i, attn, x)
-        elif self.spec.head_dim % GQA_HEAD_MULTIPLE == 0:
+        elif self.spec.uses_gqa:
             out = self._gqa(i, attn, x)
         else:
             out = self._explicit_attention(i, attn, x)

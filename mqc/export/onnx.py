@@ -174,7 +174,9 @@ def genai_config(model: torch.nn.Module, spec: DecoderSpec) -> dict[str, Any]:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            # GroupQueryAttention can write the new K/V into the past buffer in place; the
+            # explicit-attention graph (head sizes GQA rejects) concatenates instead
+            "past_present_share_buffer": spec.uses_gqa,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -1,0 +1,261 @@
+"""ONNX export: graphs pass onnx.checker and onnxruntime computes what the torch runtime computes.
+
+Parity is checked three ways on tiny models: prefill logits, the decode graph's logits for every
+step of a teacher-forced continuation (tiny random models repeat tokens, so greedy equality alone
+would prove little), and identical greedy tokens for 32 steps. Tolerances: with
+``accuracy_level=0`` (float32 activations) the exported graph does the runtime's arithmetic up to
+float32 summation order, so logits agree to ``ATOL = 1e-4`` (measured: under 1e-6 on logits of
+magnitude ~1); ``accuracy_level=4`` rounds activations to int8 per block inside ``MatMulNBits``
+and is held to ``ATOL_INT8`` relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mqc
+from mqc import quant
+from mqc.errors import ArtifactError, UnsupportedModelError
+from mqc.export import OnnxLM, export_onnx, onnx_generate
+from mqc.export.embedding import to_ell
+from mqc.export.linear import as_matmul_nbits
+from mqc.models import tiny_config
+from mqc.runtime.modules import QLinear
+
+ATOL = 1e-4
+ATOL_INT8 = 0.05  # of max |logit|
+STEPS = 32
+VOCAB = 256
+
+
+def tiny(family: str, head_dim: int | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny model of ``family``; ``head_dim=32`` makes the GroupQueryAttention path apply
+    (its CPU kernel needs multiples of 16; the default tiny head size, 24, takes the explicit path)."""
+    config = tiny_config(family)
+    if head_dim is not None:
+        config.head_dim = head_dim
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+
+
+def calib() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
+
+
+def compiled(model: torch.nn.Module, **recipe) -> mqc.CompiledModel:
+    return mqc.compile(model, mqc.Recipe(**recipe), calib=calib(), progress=False)
+
+
+def prompt(batch: int = 1, length: int = 12, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy torch-runtime continuation through the model's own cache, ``[B, S + steps]``.
+    (``model.generate`` with ``min_new_tokens`` would suppress the end-of-sequence token.)"""
+    out = model(ids, use_cache=True)
+    tokens = [ids]
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, dim=1)
+
+
+def assert_parity(model: torch.nn.Module, out_dir, atol: float = ATOL, relative: bool = False) -> None:
+    """Prefill, teacher-forced decode steps and 32 greedy tokens agree with the torch runtime."""
+    lm = OnnxLM(out_dir)
+    ids = prompt(batch=2)
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    bound = atol * (np.abs(ref).max() if relative else 1.0)
+    assert np.abs(lm.prefill(ids.numpy()).logits - ref).max() <= bound
+
+    single = ids[:1]
+    with torch.no_grad():
+        greedy = generate(model, single, STEPS)
+        full = model(greedy).logits.numpy()
+    step = lm.prefill(single.numpy())
+    worst = 0.0
+    for t in range(single.shape[1], greedy.shape[1]):
+        step = lm.step(greedy[:, t : t + 1].numpy(), step)
+        worst = max(worst, float(np.abs(step.logits[:, 0] - full[:, t]).max()))
+    assert worst <= bound
+    tokens = lm.generate(single.numpy(), STEPS, stop_at_eos=False)
+    np.testing.assert_array_equal(tokens, greedy[:, single.shape[1] :].numpy())
+
+
+def export(model, tmp_path, name="onnx", accuracy_level=0, **kwargs):
+    """Float32 activations by default: the setting under which parity is exact."""
+    return export_onnx(model, None, tmp_path / name, accuracy_level=accuracy_level, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# numerics of the building blocks
+# ------------------------------------------------------------------------------------------------
+def test_three_bit_reencodes_as_four_bit_exactly():
+    weight = torch.randn(40, 100, generator=torch.Generator().manual_seed(0))
+    qw = quant.quantize(weight, 3, 32)
+    four = as_matmul_nbits(qw)
+    assert four.bits == 4 and four.qweight.shape == (40, 4, 16)
+    assert torch.equal(quant.dequantize(four), quant.dequantize(qw))
+
+
+def test_ell_matches_csr():
+    weight = torch.randn(30, 50, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(30, 50, generator=torch.Generator().manual_seed(1)) < 0.05
+    _, sparse = quant.quantize_layer(weight, 4, 32, mask)
+    cols, values = to_ell(sparse)
+    dense = torch.zeros(30, 50)
+    dense.scatter_add_(1, cols.long(), values.float())
+    assert torch.equal(dense, sparse.to_dense())
+
+
+# ------------------------------------------------------------------------------------------------
+# parity on compiled tiny models
+# ------------------------------------------------------------------------------------------------
+def test_rtn4_explicit_attention_and_artifact_layout(tmp_path):
+    """Default tiny llama (head size 24: explicit attention), tied float embedding."""
+    c = compiled(mqc.tiny_model("llama"), bits=4, group_size=32)
+    out = export(c, tmp_path)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "prefill.onnx", "model.onnx.data", "genai_config.json", "mqc_onnx.json"} <= names
+    for graph in ("model.onnx", "prefill.onnx"):
+        onnx.checker.check_model(str(out / graph))
+    decode = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in decode.graph.node}
+    assert "MatMulNBits" in ops and "GroupQueryAttention" not in ops
+    assert [i.name for i in decode.graph.input][:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    assert_parity(c.model, out)
+
+
+def test_gqa_outliers_quantized_tied_embedding(tmp_path):
+    """GroupQueryAttention path, sparse outliers everywhere, tied GatherBlockQuantized table."""
+    c = compiled(tiny("llama", head_dim=32), bits=4, group_size=32, outlier_frac=0.01, quantize_embeddings=True)
+    assert c.model.lm_head.n_outliers > 0 and c.model.model.embed_tokens.tied_to == "lm_head"
+    out = export(c, tmp_path)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("ScatterND") == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert_parity(c.model, out)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_widths_with_outliers(tmp_path, bits):
+    c = compiled(tiny("llama", head_dim=32), bits=bits, group_size=64, outlier_frac=0.01, quantize_embeddings=True)
+    assert_parity(c.model, export(c, tmp_path))
+
+
+def test_mixed_widths_and_float_layers(tmp_path):
+    """Every width in one model (siblings of different formats are not fused) and 16-bit layers."""
+    model = tiny("qwen2", head_dim=32)
+    widths = iter([2, 3, 4, 8, 16] * 10)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            bits = next(widths)
+            if bits == quant.FP16_BITS:
+                module.weight.data = module.weight.data.half().float()
+            else:
+                model.set_submodule(name, QLinear.from_weight(module.weight.detach(), module.bias, bits, 32))
+    out = export(model, tmp_path)
+    formats = json.loads((out / "mqc_onnx.json").read_text())["layers"]
+    assert formats["model.layers.0.self_attn.k_proj"].startswith("MatMulNBits (3-bit")
+    assert_parity(model, out)
+
+
+def test_untied_quantized_embedding_with_bias(tmp_path):
+    """Qwen2: q/k/v biases, an untied embedding that owns its packed table."""
+    c = compiled(tiny("qwen2", head_dim=32), bits=4, group_size=32, outlier_frac=0.01, quantize_embeddings=True)
+    assert c.model.model.embed_tokens.tied_to is None
+    assert_parity(c.model, export(c, tmp_path))
+
+
+@pytest.mark.parametrize("head_dim", [24, 32])
+def test_mistral_sliding_window(tmp_path, head_dim):
+    """A window shorter than the test sequences: GQA's local_window_size and the explicit mask."""
+    c = compiled(tiny("mistral", head_dim=head_dim, sliding_window=8), bits=4, group_size=32)
+    assert_parity(c.model, export(c, tmp_path))
+
+
+def test_qwen3_qk_norms(tmp_path):
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    for name, param in model.named_parameters():
+        if "norm" in name:  # make the norms matter
+            param.data.uniform_(0.5, 1.5)
+    c = compiled(model, bits=8, group_size=32)
+    assert_parity(c.model, export(c, tmp_path))
+
+
+def test_lowrank_kv_cache_state(tmp_path):
+    """The low-rank cache (window 8 < test lengths) is the decode graph's state."""
+    c = compiled(mqc.tiny_model("llama"), bits=4, group_size=32, kv=mqc.KVRecipe(rank=0.5, method="svd", window=8))
+    out = export(c, tmp_path)
+    lm = OnnxLM(out)
+    assert {i.name for i in lm.state_inputs} >= {"past_key_values.0.key_features", "past_key_values.1.value"}
+    assert not (out / "genai_config.json").exists()  # onnxruntime-genai cannot carry this cache
+    with torch.no_grad():  # the test would not notice exact attention otherwise
+        ids = prompt(length=24)
+        assert (c.model(ids).logits - c.model(ids, use_cache=False).logits).abs().max() > 100 * ATOL
+    assert_parity(c.model, out)
+
+
+def test_float_model_and_int8_activations(tmp_path):
+    """An uncompiled model exports as float MatMuls; accuracy_level=4 stays close."""
+    model = tiny("llama", head_dim=32)
+    assert_parity(model, export(model, tmp_path, "float"))
+    c = compiled(model, bits=4, group_size=32)
+    assert_parity(c.model, export(c, tmp_path, "int8", accuracy_level=4), atol=ATOL_INT8, relative=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# user-facing behaviour
+# ------------------------------------------------------------------------------------------------
+def test_refuses_overwrite_and_unsupported_models(tmp_path):
+    model = tiny("llama", head_dim=32)
+    out = export(model, tmp_path)
+    with pytest.raises(ArtifactError, match="already exists"):
+        export(model, tmp_path)
+    export(model, tmp_path, force=True)
+    assert (out / "model.onnx").is_file() and not list(tmp_path.glob(".onnx.*"))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        export(mqc.tiny_model("gpt2"), tmp_path, "gpt2")
+    assert not (tmp_path / "gpt2").exists()
+
+
+def test_onnx_generate_text_prompt(tmp_path, word_tokenizer):
+    model = tiny("llama", head_dim=32)
+    out = export_onnx(model, word_tokenizer, tmp_path / "onnx", accuracy_level=0)
+    text = "the jury said that he was at the"
+    tokens = onnx_generate(out, text, max_new_tokens=5, stop_at_eos=False)
+    ids = torch.tensor([word_tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        expected = generate(model, ids, 5)[0, ids.shape[1] :]
+    assert tokens == expected.tolist()
+
+
+@pytest.mark.slow
+def test_default_model_greedy_matches_runtime(tmp_path):
+    """The embedded default model at 4 bits: 32 greedy tokens identical to the torch runtime."""
+    model, tokenizer = mqc.load_hf_model()
+    c = mqc.compile(model, mqc.Recipe(bits=4, group_size=128, quantize_embeddings=True), tokenizer=tokenizer, progress=False)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = generate(c.model, ids, STEPS)[0, ids.shape[1] :]
+    for level in (0, 4):
+        out = export_onnx(c, tokenizer, tmp_path / f"acc{level}", accuracy_level=level)
+        assert onnx_generate(out, ids[0], STEPS, stop_at_eos=False) == expected.tolist()
