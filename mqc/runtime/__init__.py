@@ -1,3 +1,7 @@
-"""Runtime: custom ops, quantized modules, artifacts."""
+"""Runtime: custom ops, quantized modules, low-rank KV cache, artifacts.
 
-from mqc.runtime import ops  # noqa: F401  (registers torch.ops.mqc.*)
+Importing it registers the ``mqc::`` custom ops, every runtime module kind (so artifacts load)
+and the low-rank KV attention implementation.
+"""
+
+from mqc.runtime import kv, ops  # noqa: F401
