@@ -61,6 +61,11 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
         from mqc.passes.kv_lowrank import KVLowRank
 
         passes.append(KVLowRank())
+    # Sibling groups are recorded here and fused when the model moves to CUDA (fuse_model): the
+    # artifact keeps one module per layer, which per-layer accounting and the ONNX export read.
+    from mqc.passes.fuse import FuseSiblings
+
+    passes.append(FuseSiblings(rewrite=False, after=(keys.KV_REWRITTEN,) if recipe.kv is not None else ()))
     return passes
 
 

@@ -133,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="measure speed")
+    bench = b.add_subparsers(dest="bench", required=True)
+    d = bench.add_parser("decode", help="greedy-decode tokens/s of a model or artifact")
+    d.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
+    d.add_argument("--prompt", default="The history of the city begins")
+    d.add_argument("--new-tokens", type=int, default=128)
+    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    d.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph (StaticCache)")
+    d.add_argument("--json", action="store_true")
     return parser
 
 
@@ -201,18 +211,50 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _on_device(model, device: str):
+    """The model on ``device``: on CUDA, fp16 with sibling projections fused (one launch each)."""
+    if device == "cpu":
+        return model
     import torch
 
+    from mqc.kernels.launch import kernels_available
+    from mqc.passes.fuse import fuse_model
+
+    if not torch.cuda.is_available():
+        raise MqcError("--device cuda: no CUDA device is visible; use --device cpu")
+    fuse_model(model)  # no-op for a float or already-fused model
+    if not kernels_available():
+        print("mqc: note: CuPy is not installed; quantized layers dequantize then matmul (pip install cupy-cuda13x)", file=sys.stderr)
+    return model.to("cuda", torch.float16)
+
+
+def cmd_bench(args) -> int:
+    from mqc.bench import decode_benchmark
+    from mqc.models import load_any
+
+    model, tokenizer = load_any(args.model)
+    if tokenizer is None:
+        raise MqcError(f"{args.model} has no tokenizer; a text prompt needs one")
+    model = _on_device(model, args.device)
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    r = decode_benchmark(model, ids, args.new_tokens, args.device, cuda_graph=args.cuda_graph)
+    note = f" (CUDA graph refused: {r['cuda_graph_error']})" if "cuda_graph_error" in r else ""
+    print(
+        json.dumps(r)
+        if args.json
+        else f"{r['tokens_per_s']:.1f} tokens/s, {r['ms_per_token']:.2f} ms/token ({r['mode']}, {args.device}); "
+        f"prefill {r['prompt_tokens']} tokens in {1000 * r['prefill_s']:.1f} ms{note}"
+    )
+    return 0
+
+
+def cmd_generate(args) -> int:
     from mqc.models import load_any
 
     model, tokenizer = load_any(args.model)
     if tokenizer is None:
         raise MqcError(f"{args.model} has no tokenizer; generation from a text prompt needs one")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise MqcError("--device cuda: no CUDA device is visible; use --device cpu")
-        model = model.to("cuda", torch.float16)
+    model = _on_device(model, args.device)
     ids = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     sampling = dict(do_sample=True, temperature=0.7, top_p=0.95) if args.sample else dict(do_sample=False)
     out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
@@ -222,7 +264,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate}
+COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,9 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 5
 
+    assert main(["bench", "decode", str(out), "--prompt", "the a of", "--new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_per_s"] > 0
+
 
 def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
     model_dir, text = tiny_dir
