@@ -133,11 +133,13 @@ def fuse(name: str, parts: list[LinearParts]) -> LinearParts | None:
 
 
 def packed_inputs(g: GraphBuilder, name: str, qw: quant.QuantizedWeight) -> tuple[str, str, str]:
-    """Initializers (B, scales, zero_points) of a packed weight, shared by MatMulNBits and
-    GatherBlockQuantized (the scales are float32: the io type of the graph)."""
+    """Inputs (B, scales, zero_points) of a packed weight, shared by MatMulNBits and
+    GatherBlockQuantized. The scales must have the graph's io type (float32); they are stored as
+    mqc's fp16 scales with a Cast that onnxruntime folds at load, so the file holds the bytes
+    mqc accounts for and the computation uses the same values."""
     return (
         g.weight(f"{name}.qweight", to_numpy(qw.qweight)),
-        g.weight(f"{name}.scales", to_numpy(qw.scales.float())),
+        g.float_weight(f"{name}.scales", qw.scales),
         g.weight(f"{name}.qzeros", to_numpy(qw.qzeros)),
     )
 

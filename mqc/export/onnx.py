@@ -248,7 +248,7 @@ class Step:
     """Logits of one forward and the cache state it left."""
 
     logits: np.ndarray  # [B, S, V]
-    state: dict[str, np.ndarray]  # past_key_values.* of the next step
+    state: dict[str, Any]  # past_key_values.* of the next step, as onnxruntime OrtValues
     length: int  # tokens in the cache
 
 
@@ -258,6 +258,7 @@ class OnnxLM:
     def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None, provider_list: Sequence[str] | None = None):
         import onnxruntime as ort
 
+        self._ort = ort
         self.root = Path(onnx_dir)
         if not (self.root / DECODE_GRAPH).is_file():
             raise ArtifactError(f"{self.root} has no {DECODE_GRAPH}; export one with `mqc export ARTIFACT --onnx DIR`")
@@ -273,7 +274,7 @@ class OnnxLM:
         self.mqc_config = _read_json(self.root / MQC_CONFIG)
         self.state_inputs = [i for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
 
-    def empty_state(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_state(self, batch: int) -> dict[str, Any]:
         """Zero-length past tensors for the decode graph: batch first, the past length (axis 2
         of K/V, axis 1 of low-rank features) 0, other symbolic dims (as onnxruntime-genai's
         graphs name the head size) from genai_config."""
@@ -286,34 +287,35 @@ class OnnxLM:
                 batch if i == 0 else 0 if i == past_axis else d if isinstance(d, int) else known[i]
                 for i, d in enumerate(item.shape)
             ]
-            state[item.name] = np.zeros(dims, dtype=np.float16 if item.type == "tensor(float16)" else np.float32)
+            dtype = np.float16 if item.type == "tensor(float16)" else np.float32
+            state[item.name] = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, dtype=dtype))
         return state
 
-    @staticmethod
-    def _next_state(names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names, outputs) if n.startswith("present.")}
+    def _run(self, session, ids: np.ndarray, total: int, state: dict[str, Any]) -> Step:
+        """One forward. Inputs and the cache stay onnxruntime OrtValues (no copy into numpy and
+        back per step); only the logits are read out."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64)}
+        inputs = {name: self._ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run_with_ort_values(names, {**inputs, **state})
+        next_state = {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in zip(names, outputs)
+            if name.startswith("present.")
+        }
+        return Step(outputs[names.index("logits")].numpy(), next_state, total)
 
     def prefill(self, ids: np.ndarray) -> Step:
-        """Run the prompt ``ids [B, S]`` (int64) from an empty cache."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        """Run the prompt ``ids [B, S]`` from an empty cache (the prefill graph when the folder
+        has one, else the decode graph with an empty past)."""
         if self.prefill_session is None:
-            return self._decode(feeds, self.empty_state(ids.shape[0]), ids.shape[1])
-        names = [o.name for o in self.prefill_session.get_outputs()]
-        outputs = self.prefill_session.run(names, feeds)
-        return Step(outputs[names.index("logits")], self._next_state(names, outputs), ids.shape[1])
+            return self._run(self.decode, ids, ids.shape[1], self.empty_state(ids.shape[0]))
+        return self._run(self.prefill_session, ids, ids.shape[1], {})
 
     def step(self, ids: np.ndarray, previous: Step) -> Step:
         """Run ``ids [B, S]`` after the cache of ``previous``."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        total = previous.length + ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], total), dtype=np.int64)}
-        return self._decode(feeds, previous.state, total)
-
-    def _decode(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], total: int) -> Step:
-        names = [o.name for o in self.decode.get_outputs()]
-        outputs = self.decode.run(names, {**feeds, **state})
-        return Step(outputs[names.index("logits")], self._next_state(names, outputs), total)
+        return self._run(self.decode, ids, previous.length + ids.shape[1], previous.state)
 
     def eos_ids(self) -> set[int]:
         eos = self.mqc_config.get("eos_token_id", self.config.get("model", {}).get("eos_token_id"))
