@@ -126,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export", help="export an artifact or model for onnxruntime")
+    x.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
+    x.add_argument("--onnx", required=True, metavar="OUT_DIR", help="directory to write the ONNX graphs to")
+    x.add_argument("--force", action="store_true", help="replace an existing export at OUT_DIR")
+
     g = sub.add_parser("generate", help="generate text with a model or artifact")
-    g.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
+    g.add_argument("model", nargs="?", help="artifact dir, local HF model dir, or 'default'")
+    g.add_argument("--onnx", metavar="DIR", help="generate with onnxruntime from an exported directory instead")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
@@ -248,7 +254,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mqc.export import export_onnx
+    from mqc.models import load_any
+
+    model, tokenizer = load_any(args.model)
+    out = export_onnx(model, tokenizer, args.onnx, force=args.force)
+    print(f"exported to {out}")
+    return 0
+
+
+def _generate_onnx(args) -> int:
+    from transformers import AutoTokenizer
+
+    from mqc.export import onnx_generate
+
+    new = onnx_generate(args.onnx, args.prompt, max_new_tokens=args.max_new_tokens)
+    text = AutoTokenizer.from_pretrained(args.onnx, local_files_only=True).decode(new, skip_special_tokens=True)
+    print(json.dumps({"prompt": args.prompt, "completion": text, "tokens": new}) if args.json else args.prompt + text)
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.onnx:
+        return _generate_onnx(args)
+    if args.model is None:
+        raise MqcError("generate needs MODEL (an artifact, a local HF model dir or 'default') or --onnx DIR")
     from mqc.models import load_any
 
     model, tokenizer = load_any(args.model)
@@ -264,7 +295,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench}
+COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,14 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
 
     assert main(["generate", str(out), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 5
+    new_tokens = json.loads(capsys.readouterr().out)["tokens"]
+    assert len(new_tokens) == 5
+
+    onnx_dir = tmp_path / "onnx"
+    assert main(["export", str(out), "--onnx", str(onnx_dir)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--onnx", str(onnx_dir), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == new_tokens
 
     assert main(["bench", "decode", str(out), "--prompt", "the a of", "--new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens_per_s"] > 0
