@@ -135,6 +135,7 @@ def run_sweep(bench: Bench) -> tuple[dict, list[dict]]:
         row = {
             "sink_tokens": getattr(kv, "sink_tokens", model.config.mqc_kv["sinks"]),
             **asdict(kv),
+            "rank": kv.rank if kv.budget_frac is None else None,  # a budget picks the ranks itself
             "ppl": ppl,
             "ppl_ratio": ppl / base_ppl,
             "kv_fraction_at_context": acc["cache_bytes_after"] / acc["cache_bytes_before"],
@@ -200,7 +201,8 @@ def run_speed(bench: Bench, rows: list[dict]) -> dict:
     for label, row in chosen.items():
         if row is None:
             continue
-        fields = {k: row[k] for k in ("rank", "method", "window", "quant_bits", "train_steps", "budget_frac")}
+        recipe_fields = ("rank", "method", "window", "quant_bits", "train_steps", "budget_frac")
+        fields = {k: row[k] for k in recipe_fields if row[k] is not None or k != "rank"}
         models[label] = bench.compress(KVWithSinks(**fields, sink_tokens=row["sink_tokens"]))[0]
         labels[label] = fields
     speed = {"configs": labels, "contexts": {}}

@@ -15,7 +15,9 @@ product is unchanged): per-token quantization of ``c`` then sees channels of one
 singular-value spread.
 
 Ranks: ``round(kv.rank * width)`` for every projection, or, with ``kv.budget_frac``, per
-projection from a grid of ranks (:func:`rank_grid`), minimising the sum of relative reconstruction errors under
+projection from a grid of ranks (:func:`rank_grid`), minimising the sum over projections of the
+relative error each one's factorisation causes in its attention layer's output on calibration
+sequences (:func:`attention_output_errors`) under
 ``sum(feature bytes per token) <= budget_frac * sum(fp16 K/V bytes per token)``, solved exactly by
 the same multiple-choice-knapsack MILP as the bit allocation (the window, a constant, is not
 part of the budget).
@@ -49,6 +51,7 @@ from mqc.recipe import KVRecipe
 from mqc.runtime.kv import FULL_BYTES, SINK_TOKENS, KVSettings, LowRankKVProj, check_supported, install
 
 RANK_GRID = 16  # ranks tried per projection under a budget: width * i / 16
+BUDGET_SAMPLES = 2  # calibration sequences whose attention outputs price the ranks under a budget
 TRAIN_TOKENS = 4096  # calibration tokens kept per layer for training (plus a held-out eighth)
 
 
@@ -145,12 +148,13 @@ def rank_grid(width: int, settings: KVSettings) -> list[int]:
     return sorted(grid)
 
 
-def budget_ranks(factorizations: list[Factorization], settings: KVSettings, budget_frac: float) -> list[int]:
-    """Exact per-projection ranks minimising total relative error under a feature-bytes budget."""
-    grids = [rank_grid(f.width, settings) for f in factorizations]
-    costs = [[f.error(r) for r in grid] for f, grid in zip(factorizations, grids)]
+def budget_ranks(
+    grids: list[list[int]], costs: list[list[float]], settings: KVSettings, budget_frac: float
+) -> list[int]:
+    """Exact per-projection ranks (one from each grid) minimising the total cost under
+    ``sum(feature bytes per token) <= budget_frac * sum(fp16 K/V bytes per token)``."""
     sizes = [[settings.feature_bytes(r) for r in grid] for grid in grids]
-    full = sum(f.width * FULL_BYTES for f in factorizations)
+    full = sum(grid[-1] * FULL_BYTES for grid in grids)
     budget = int(budget_frac * full)
     smallest = sum(s[0] for s in sizes)
     if smallest > budget:
@@ -160,6 +164,60 @@ def budget_ranks(factorizations: list[Factorization], settings: KVSettings, budg
         )
     choices, _ = solve_mckp(costs, sizes, budget)
     return [grid[c] for grid, c in zip(grids, choices)]
+
+
+def capture_attention_inputs(
+    model: torch.nn.Module, attentions: list[str], calib: torch.Tensor
+) -> dict[str, dict[str, object]]:
+    """The keyword arguments each attention module is called with, on ``calib`` (no cache)."""
+    captured: dict[str, dict[str, object]] = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            captured[name] = {**kwargs, "hidden_states": args[0] if args else kwargs["hidden_states"]}
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in attentions]
+    try:
+        with torch.no_grad():
+            model(input_ids=calib.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+@torch.no_grad()
+def attention_output_errors(
+    model: torch.nn.Module, layers: list[tuple[int, str, str]], factorizations, grids, calib: torch.Tensor
+) -> list[list[float]]:
+    """For every projection and candidate rank, the relative error of its attention module's output
+    (through ``o_proj``) when that projection alone is replaced by its rank-r factorisation.
+
+    The allocator's cost: K and V errors measured on one scale. Relative K/V reconstruction
+    errors are not: the keys' spectra decay fast, so an allocator fed those errors starved the
+    keys and lost to uniform ranks at equal memory (measured on SmolLM2).
+    """
+    names = [n for _, k, v in layers for n in (k, v)]
+    attentions = [n.rsplit(".", 1)[0] for n in names]
+    inputs = capture_attention_inputs(model, sorted(set(attentions)), calib)
+    costs = []
+    for name, attention_name, fact, grid in zip(names, attentions, factorizations, grids):
+        attention, role = model.get_submodule(attention_name), name.rsplit(".", 1)[1]
+        original = getattr(attention, role)
+        exact = attention(**inputs[attention_name])[0]
+        errors = []
+        for rank in grid:
+            down, up = fact.factors(rank)
+            approx = torch.nn.Linear(original.in_features, original.out_features, bias=original.bias is not None)
+            approx.weight.data, approx.bias = up @ down, original.bias
+            setattr(attention, role, approx)
+            error = (attention(**inputs[attention_name])[0] - exact).pow(2).sum() / exact.pow(2).sum()
+            errors.append(error.item())
+        setattr(attention, role, original)
+        costs.append(errors)
+    return costs
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +327,8 @@ class KVLowRank(Pass):
         them from ``ctx[CALIB]`` each time."""
         self.kv, self.inputs = kv, inputs
         if kv is not None:
-            trains_from_calib = kv.train_steps and inputs is None
-            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if trains_from_calib else ())
+            calib = (kv.train_steps and inputs is None) or kv.budget_frac is not None
+            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if calib else ())
             self.requires = type(self).requires + extra
 
     def _recipe(self, ctx: CompileContext) -> KVRecipe:
@@ -281,11 +339,11 @@ class KVLowRank(Pass):
             raise RecipeError(f"kv budget_frac {kv.budget_frac} must be a fraction in (0, 1]")
         if kv.window < 1 or kv.train_steps < 0:
             raise RecipeError(f"kv window ({kv.window}) must be >= 1 and train_steps ({kv.train_steps}) >= 0")
-        trains_from_calib = kv.train_steps and self.inputs is None
-        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if trains_from_calib else ())
+        calib = (kv.train_steps and self.inputs is None) or kv.budget_frac is not None
+        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if calib else ())
         for key in needed:
             if key not in ctx:
-                raise PassContractError(f"pass {self.name} needs {key!r} for kv method {kv.method!r}/training")
+                raise PassContractError(f"pass {self.name} needs {key!r} (kv method {kv.method!r}, training or budget)")
         return kv
 
     def _projections(self, ctx: CompileContext) -> list[tuple[int, str, str]]:
@@ -325,7 +383,11 @@ class KVLowRank(Pass):
         if kv.budget_frac is None:
             ranks = uniform_ranks([f.width for f in factorizations], kv.rank)
         else:
-            ranks = budget_ranks(factorizations, settings, kv.budget_frac)
+            grids = [rank_grid(f.width, settings) for f in factorizations]
+            with single_threaded():
+                calib = ctx[keys.CALIB][:BUDGET_SAMPLES]
+                costs = attention_output_errors(model, layers, factorizations, grids, calib)
+            ranks = budget_ranks(grids, costs, settings, kv.budget_frac)
         factors = {}
         for name, fact, rank in zip(names, factorizations, ranks):
             down, up = fact.factors(rank)
