@@ -10,7 +10,7 @@ import mqc.runtime.kv  # registers the attention until mqc.runtime imports it
 from mqc import quant
 from mqc.errors import InfeasibleBudgetError, UnsupportedModelError
 from mqc.passes import keys
-from mqc.passes.kv_lowrank import Factorization, balance, relative_error, train_factors
+from mqc.passes.kv_lowrank import Factorization, attention_output_errors, balance, relative_error, train_factors
 from mqc.runtime.kv import KVSettings, LowRankKVCache, Sections, kv_accounting
 
 WINDOW = 8
@@ -207,3 +207,16 @@ def test_training_reaches_near_optimal_factors_with_quantized_features():
     aware = balance(*Factorization(weight, energy.sqrt()).factors(8), energy)
     _, _, before, after = train_factors(*aware, weight, inputs, 10, KVSettings(quant_bits=4))
     assert after < 0.5 * before  # measured 0.47 -> 0.10 (the unquantized optimum is 0.09)
+
+
+def test_attention_output_errors_price_ranks_on_one_scale():
+    model = mqc.tiny_model("llama")
+    layers = [(i, f"model.layers.{i}.self_attn.k_proj", f"model.layers.{i}.self_attn.v_proj") for i in range(2)]
+    names = [n for _, k, v in layers for n in (k, v)]
+    facts = [Factorization(model.get_submodule(n).weight.detach(), None) for n in names]
+    grids = [[6, 24, 48]] * len(names)
+    originals = [model.get_submodule(n) for n in names]
+    costs = attention_output_errors(model, layers, facts, grids, CALIB[:2])
+    for errors in costs:
+        assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-10  # full rank is exact
+    assert all(model.get_submodule(n) is m for n, m in zip(names, originals))  # projections restored
