@@ -10,9 +10,10 @@ Per layer, each of ``W_k`` and ``W_v`` is factored ``W ~= B A`` (``A [r, in]``, 
   that identity exact.
 
 With activation statistics the factors are rebalanced so that every feature channel
-``c_j = (A x)_j`` has unit RMS on the calibration data (``A <- S^-1 A``, ``B <- B S``; the
-product is unchanged): per-token quantization of ``c`` then sees channels of one scale, not the
-singular-value spread.
+``c_j = (A x)_j`` has unit RMS, estimated as ``sum_i A_ji^2 E[x_i^2]`` (``A <- S^-1 A``,
+``B <- B S``; the product is unchanged): a per-token quantization group of ``c`` then holds
+channels of one scale, and its error, spread evenly over them, is weighted by the singular
+values in ``B`` (``sum s_j^2`` rather than ``r * s_1^2`` with the spread left in ``c``).
 
 Ranks: ``round(kv.rank * width)`` for every projection, or, with ``kv.budget_frac``, per
 projection from a grid of ranks (:func:`rank_grid`), minimising the sum over projections of the
