@@ -190,8 +190,8 @@ def test_mistral_sliding_window(tmp_path, head_dim):
 def test_qwen3_qk_norms(tmp_path):
     from transformers import Qwen3Config
 
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)  # fmt: skip
+    sizes = {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2, "max_position_embeddings": 512}
+    config = Qwen3Config(vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2, head_dim=32, **sizes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
     for name, param in model.named_parameters():
@@ -252,7 +252,9 @@ def test_onnx_generate_text_prompt(tmp_path, word_tokenizer):
 def test_default_model_greedy_matches_runtime(tmp_path):
     """The embedded default model at 4 bits: 32 greedy tokens identical to the torch runtime."""
     model, tokenizer = mqc.load_hf_model()
-    c = mqc.compile(model, mqc.Recipe(bits=4, group_size=128, quantize_embeddings=True), tokenizer=tokenizer, progress=False)
+    c = mqc.compile(
+        model, mqc.Recipe(bits=4, group_size=128, quantize_embeddings=True), tokenizer=tokenizer, progress=False
+    )
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = generate(c.model, ids, STEPS)[0, ids.shape[1] :]

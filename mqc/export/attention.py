@@ -123,4 +123,3 @@ def sdpa(g: GraphBuilder, q: str, keys: str, values: str, bias: str, shape: Head
     returns ``[B, S, H * d]``."""
     scores = g.op("Add", [grouped_scores(g, q, keys, shape), bias])
     return merge_heads(g, attend(g, g.op("Softmax", [scores], axis=-1), values), shape)
-

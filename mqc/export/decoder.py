@@ -9,11 +9,14 @@ One builder makes both graphs of an export:
   0 included, which is how onnxruntime-genai runs its prompt through this graph.
 
 Per layer: ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm in one op; the first
-layer's norm has no residual yet: standard ops that onnxruntime fuses, see :func:`rms_norm`), the q/k/v projections
-(one fused ``MatMulNBits`` when their formats agree), ``GroupQueryAttention`` with the rotary
-embedding applied inside (``do_rotary``, cos/sin tables computed by the model's own rotary
-module, so any RoPE scaling the model uses is baked in exactly), the output projection, and the
-SiLU-gated MLP with gate/up fused. This is the structure onnxruntime-genai's builder emits.
+layer's norm has no residual yet and is written in standard ops that onnxruntime fuses, see
+:func:`rms_norm`), the q/k/v projections (one fused ``MatMulNBits`` when their formats agree),
+``GroupQueryAttention`` with the rotary embedding applied inside (``do_rotary``; the cos/sin
+tables come from the model's own rotary module, so any RoPE scaling it uses is baked in
+exactly), the output projection, and the SiLU-gated MLP with gate/up fused. This is the structure
+onnxruntime-genai's builder emits. ``GroupQueryAttention``'s CPU kernel takes head sizes that
+are multiples of 16 only; other models get the same cache through attention in standard ops
+(:mod:`mqc.export.attention`).
 
 Batches: ``GroupQueryAttention`` derives positions and the causal mask from the attention mask's
 row sums, so batched prompts must be equal-length (or right-padded; padded rows' logits are then
@@ -57,7 +60,7 @@ class DecoderSpec:
     max_positions: int
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "DecoderSpec":
+    def of(cls, model: torch.nn.Module) -> DecoderSpec:
         config = model.config
         if config.model_type not in FAMILIES:
             raise UnsupportedModelError(
@@ -282,7 +285,7 @@ class DecoderGraph:
             new, _, total = new_positions(g, self.ids, self.mask)
             return Positions(new, g.op("Range", [g.const(0), total, g.const(1)]), total)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019  (one builder per graph; cached per window)
+    @functools.cache  # noqa: B019  (one builder per graph; cached per window)
     def bias(self, window: int | None) -> str:
         """The causal (sliding-window) additive mask of the explicit attention path."""
         with self.g.scope("causal_mask"):
@@ -337,4 +340,3 @@ class DecoderGraph:
         with g.scope("mlp"):
             hidden = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         return self.linear(hidden, linear_parts(f"{prefix}.down_proj", mlp.down_proj))
-

@@ -9,7 +9,7 @@ first along the row, which is mqc's layout; a 3-bit table is re-encoded as 4-bit
 Outliers of a quantized table are added per gathered row. CSR rows have different lengths, which
 ONNX cannot gather, so the export pads them to the longest row (ELL: ``[V, P]`` column indices
 and values, padding adds 0 at column 0) and scatter-adds the gathered rows. The padding costs
-``V * P * 4`` bytes; the sizes are reported by :func:`ell_bytes`.
+``V * P * 4`` bytes (int16 columns would need a Cast per lookup; int32 keeps the graph simple).
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def _gather_packed(g: GraphBuilder, ids: str, module: QEmbedding, table_name: st
         return out
     cols, values = to_ell(sparse)
     col = g.op("Gather", [g.weight(f"{table_name}.outlier_ell_cols", to_numpy(cols)), ids], axis=0)
-    value = g.op("Cast", [g.op("Gather", [g.weight(f"{table_name}.outlier_ell_values", to_numpy(values)), ids], axis=0)], to=FLOAT)
+    value = g.op(
+        "Cast",
+        [g.op("Gather", [g.weight(f"{table_name}.outlier_ell_values", to_numpy(values)), ids], axis=0)],
+        to=FLOAT,
+    )
     return g.op("ScatterElements", [out, col, value], axis=-1, reduction="add")
 
-
-def ell_bytes(sparse: SparseOutliers) -> int:
-    cols, values = to_ell(sparse)
-    return cols.numel() * 4 + values.numel() * 2

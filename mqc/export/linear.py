@@ -42,7 +42,7 @@ class Outliers:
     values: torch.Tensor  # fp16 [nnz]
 
     @classmethod
-    def of(cls, sparse: quant.SparseOutliers) -> "Outliers":
+    def of(cls, sparse: quant.SparseOutliers) -> Outliers:
         counts = torch.diff(sparse.crow.long())
         rows = torch.repeat_interleave(torch.arange(sparse.shape[0]), counts)
         return cls(rows, sparse.col.long(), sparse.values)
@@ -75,7 +75,9 @@ def as_matmul_nbits(qw: quant.QuantizedWeight) -> quant.QuantizedWeight:
         return qw
     codes = quant.unpack(qw.qweight, qw.bits, qw.group_size)
     zeros = quant.unpack(qw.qzeros, qw.bits, qw.n_blocks)
-    return quant.QuantizedWeight(quant.pack(codes, 4), qw.scales, quant.pack(zeros, 4), 4, qw.group_size, qw.in_features)
+    return quant.QuantizedWeight(
+        quant.pack(codes, 4), qw.scales, quant.pack(zeros, 4), 4, qw.group_size, qw.in_features
+    )
 
 
 def linear_parts(name: str, module: torch.nn.Module) -> LinearParts:

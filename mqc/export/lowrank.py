@@ -67,7 +67,9 @@ class LowRankLayer:
         None) becomes the present state."""
         g = self.g
         full = self.d.with_past_state(state, new, axis)
-        present = full if keep is None else g.op("Slice", [full, g.const([keep[0]]), g.const([keep[1]]), g.const([axis])])
+        present = (
+            full if keep is None else g.op("Slice", [full, g.const([keep[0]]), g.const([keep[1]]), g.const([axis])])
+        )
         self.d.present_state(state, present)
         return full, present
 
@@ -116,9 +118,15 @@ class LowRankLayer:
             _, sink_k = self._carry(self._exact_state("sink_key", "sinks"), k_new, 2, keep=(0, sinks))
             _, sink_v = self._carry(self._exact_state("sink_value", "sinks"), v_new, 2, keep=(0, sinks))
             window_k, _ = self._carry(self._exact_state("key", "window"), k_new, 2, keep=(-settings.window, INT64_MAX))
-            window_v, _ = self._carry(self._exact_state("value", "window"), v_new, 2, keep=(-settings.window, INT64_MAX))
-            feats_k, _ = self._carry(self._feature_state("key_features", self.attn.k_proj.rank), g.op("Cast", [c_k], to=FLOAT16), 1)
-            feats_v, _ = self._carry(self._feature_state("value_features", self.attn.v_proj.rank), g.op("Cast", [c_v], to=FLOAT16), 1)
+            window_v, _ = self._carry(
+                self._exact_state("value", "window"), v_new, 2, keep=(-settings.window, INT64_MAX)
+            )
+            feats_k, _ = self._carry(
+                self._feature_state("key_features", self.attn.k_proj.rank), g.op("Cast", [c_k], to=FLOAT16), 1
+            )
+            feats_v, _ = self._carry(
+                self._feature_state("value_features", self.attn.v_proj.rank), g.op("Cast", [c_v], to=FLOAT16), 1
+            )
             all_positions = d.positions.keys
             rebuilt_k = self._keys(self._rebuild(feats_k, self.attn.k_proj, "k_proj"), all_positions)
             rebuilt_v = heads(g, self._rebuild(feats_v, self.attn.v_proj, "v_proj"), shape.kv_heads, shape.head_dim)

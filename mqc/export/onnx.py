@@ -13,12 +13,16 @@
 The directory is written next to its destination and renamed into place; an existing one is
 replaced only with ``force``. Every graph passes ``onnx.checker`` before the rename.
 
-``accuracy_level`` is ``MatMulNBits``' compute type for its activations. The default, 4, lets
-onnxruntime quantize each block of activations to int8 on the fly and use integer dot products
-(VNNI/AMX on x86, i8mm/dotprod on Arm): the fastest CPU path, at the cost of activation
-rounding (a relative logit error of the order of 1e-3 on the default model). ``accuracy_level=0``
-keeps float32 activations (onnxruntime dequantizes the weights per block, no activation rounding).
-The parity tests use 0 for exactness and 4 with a looser bound; the benchmark measures both.
+``accuracy_level`` is ``MatMulNBits``' compute type for its activations; the weights are mqc's
+exact packed codes either way. The default, 4, is chosen for speed: onnxruntime quantizes each
+block of activations to int8 on the fly and uses integer dot products (VNNI/AMX on x86,
+dotprod/i8mm on Arm). It is also what onnxruntime-genai's int4 CPU builds use. Measured on the
+default model at 4 bits (g128, 2 threads): about 2.2x the decode speed of ``accuracy_level=0``
+(105 vs 47 tokens/s), but the activation rounding moves logits by up to ~2 (of ~30) and greedy
+output leaves the torch runtime's after 5 to 12 tokens. ``accuracy_level=0`` keeps float32
+activations: logits within 2e-4 of the torch runtime and the same 32 greedy tokens on each of
+three prompts. Use it where output must match the runtime; see
+``benchmarks/results/onnx_cpu.json`` for perplexity at both levels.
 """
 
 from __future__ import annotations
@@ -84,13 +88,15 @@ def _unwrap(model) -> tuple[torch.nn.Module, Any]:
 
 def export_onnx(
     model,
-    tokenizer: Any = None,
-    out_dir: str | os.PathLike = "out/onnx",
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
     force: bool = False,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
 ) -> Path:
     """Export ``model`` (an :class:`mqc.CompiledModel`, a model loaded by ``mqc.load``, or a plain
-    Hugging Face model of a supported family) to ``out_dir`` for onnxruntime; see the module
+    Hugging Face model of a supported family) to ``out_dir`` for onnxruntime, with ``tokenizer``'s
+    files (None: a CompiledModel's own tokenizer, or none); see the module
     docstring for the layout and ``accuracy_level``."""
     module, own_tokenizer = _unwrap(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
@@ -127,7 +133,7 @@ def _save_graph(graph: GraphBuilder, path: Path, offsets: dict[str, int]) -> Non
 def _token_ids(model: torch.nn.Module) -> tuple[Any, Any, Any]:
     """(bos, eos, pad) from the generation config where it has them, else the model config."""
     sources = [getattr(model, "generation_config", None), model.config]
-    pick = lambda key: next((getattr(s, key) for s in sources if getattr(s, key, None) is not None), None)  # noqa: E731
+    pick = lambda key: next((getattr(s, key) for s in sources if getattr(s, key, None) is not None), None)
     return pick("bos_token_id"), pick("eos_token_id"), pick("pad_token_id")
 
 
@@ -283,7 +289,9 @@ class OnnxLM:
         chosen = list(provider_list or providers())
         self.decode = ort.InferenceSession(str(self.root / DECODE_GRAPH), options, providers=chosen)
         prefill = self.root / PREFILL_GRAPH
-        self.prefill_session = ort.InferenceSession(str(prefill), options, providers=chosen) if prefill.is_file() else None
+        self.prefill_session = (
+            ort.InferenceSession(str(prefill), options, providers=chosen) if prefill.is_file() else None
+        )
         self.config = _read_json(self.root / GENAI_CONFIG)
         self.mqc_config = _read_json(self.root / MQC_CONFIG)
         self.state_inputs = [i for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
