@@ -248,6 +248,25 @@ def test_onnx_generate_text_prompt(tmp_path, word_tokenizer):
     assert tokens == expected.tolist()
 
 
+@pytest.mark.parametrize("head_dim", [24, 32])
+def test_loads_in_onnxruntime_genai(tmp_path, head_dim):
+    """The folder drops into onnxruntime-genai as is (both cache modes: shared GQA buffers for
+    head size 32, concatenated caches for 24) and generates the runtime's greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    c = compiled(tiny("qwen2", head_dim=head_dim), bits=4, group_size=32, quantize_embeddings=True)
+    model = og.Model(str(export(c, tmp_path)))
+    ids = prompt()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids.numpy().astype(np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == generate(c.model, ids, 16)[0, ids.shape[1] :].tolist()
+
+
 @pytest.mark.slow
 def test_default_model_greedy_matches_runtime(tmp_path):
     """The embedded default model at 4 bits: 32 greedy tokens identical to the torch runtime."""

@@ -74,4 +74,3 @@ def _gather_packed(g: GraphBuilder, ids: str, module: QEmbedding, table_name: st
         to=FLOAT,
     )
     return g.op("ScatterElements", [out, col, value], axis=-1, reduction="add")
-

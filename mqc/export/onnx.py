@@ -141,7 +141,7 @@ def genai_config(model: torch.nn.Module, spec: DecoderSpec) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for the decode graph (greedy search defaults)."""
     bos, eos, pad = _token_ids(model)
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-    return {
+    config = {
         "model": {
             "bos_token_id": bos,
             "context_length": spec.max_positions,
@@ -189,6 +189,9 @@ def genai_config(model: torch.nn.Module, spec: DecoderSpec) -> dict[str, Any]:
             "top_p": 1.0,
         },
     }
+    # onnxruntime-genai rejects null ids; a missing one takes its default
+    config["model"] = {key: value for key, value in config["model"].items() if value is not None}
+    return config
 
 
 def kv_layout(module: torch.nn.Module) -> dict[str, Any]:
