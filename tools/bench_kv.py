@@ -222,21 +222,24 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5))
+    top = 1.3  # ratios above are drawn on the top edge as triangles, with their value
     for row in report["sweep"]:
         budget = row["budget_frac"] is not None
         color = "tab:green" if budget else {"svd": "tab:red", "asvd": "tab:blue"}[row["method"]]
         color = "tab:grey" if row["sink_tokens"] == 0 else color
         marker = "s" if row["train_steps"] else "o"
         face = color if row["quant_bits"] else "none"
-        ax.scatter(
-            row["kv_fraction_at_context"], row["ppl_ratio"], marker=marker, edgecolors=color, facecolors=face, s=50
-        )
+        x, y = row["kv_fraction_at_context"], row["ppl_ratio"]
+        if y > top:
+            ax.annotate(f"{y:.2f}", (x, top), textcoords="offset points", xytext=(5, -12), fontsize=7, color=color)
+            marker, y = "^", top
+        ax.scatter(x, y, marker=marker, edgecolors=color, facecolors=face, s=50)
     ax.axhline(1.05, color="grey", ls="--", lw=0.8)
     ax.axvline(0.5, color="grey", ls=":", lw=0.8)
     ax.axvline(0.2, color="grey", ls=":", lw=0.8)
-    ax.set_yscale("log")
+    ax.set_ylim(0.98, top + 0.02)
     ax.set_xlabel(f"KV-cache bytes at {report['settings']['context']} tokens / fp16 cache")
-    ax.set_ylabel("perplexity / base")
+    ax.set_ylabel("perplexity / base (dashed: +5%)")
     ax.set_title(
         "red svd, blue asvd, green budget, grey no sinks; o untrained, s trained; filled: quantized", fontsize=9
     )
