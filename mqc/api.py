@@ -6,6 +6,7 @@ the pipeline the recipe asks for, and return the rewritten model with its plan a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from mqc.capture import capture
-from mqc.errors import DataError
+from mqc.errors import DataError, MqcError
 from mqc.graph import GraphView
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassManager
@@ -33,8 +34,25 @@ class CompiledModel:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+# Results that depend only on the full-precision model, the calibration ids and the recipe fields
+# that :func:`_analysis_fields` keeps: another budget can reuse them.
+REUSABLE = (keys.UNITS, keys.CALIB, keys.ACT_STATS, keys.SENSITIVITY)
+
+
+def _analysis_fields(recipe: Recipe) -> Recipe:
+    """``recipe`` with the fields that only steer allocation and lowering set to defaults."""
+    return dataclasses.replace(
+        recipe, bits=4.0, budget_bytes=None, budget_frac=None, pins=(), sensitivity="first_order", quantizer="rtn"
+    )
+
+
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.method == "mq" or recipe.outlier_frac > 0 or recipe.uses_gptq or (recipe.kv is not None and recipe.kv.method == "asvd")
+    return (
+        recipe.method == "mq"
+        or recipe.outlier_frac > 0
+        or recipe.uses_gptq
+        or (recipe.kv is not None and recipe.kv.method == "asvd")
+    )
 
 
 def default_pipeline(recipe: Recipe) -> list[Pass]:
@@ -76,15 +94,30 @@ def compile(
     tokenizer: Any = None,
     passes: list[Pass] | None = None,
     progress: bool = True,
+    reuse: CompiledModel | None = None,
 ) -> CompiledModel:
     """Compile ``model`` in place according to ``recipe``.
 
     ``calib`` is a ``[n, seq_len]`` LongTensor of token ids; when a recipe needs calibration and
     none is given, it is drawn from the Brown calibration split (or ``recipe.calib.file``) with
     ``tokenizer``.
+
+    ``reuse``: an earlier compile of a copy of the same full-precision model whose recipe differs
+    at most in budget, pins, sensitivity kind or quantizer. Its units, calibration ids, activation
+    statistics and sensitivities are taken as they are and the passes that made them do not run,
+    so a sweep over budgets pays for the analysis (most of an ``mq`` compile) once.
     """
     recipe = recipe or Recipe()
     start = time.perf_counter()
+    reused = {}
+    if reuse is not None:
+        if _analysis_fields(reuse.recipe) != _analysis_fields(recipe):
+            raise MqcError(
+                "reuse: the earlier compile's recipe differs in more than budget, pins, sensitivity or quantizer; "
+                "compile without reuse"
+            )
+        reused = {k: reuse.context.results[k] for k in REUSABLE if k in reuse.context.results}
+        calib = reused.get(keys.CALIB, calib)
     if calib is None and needs_calibration(recipe):
         if tokenizer is None:
             raise DataError("this recipe needs calibration data: pass calib=token ids or a tokenizer")
@@ -98,6 +131,8 @@ def compile(
     ctx.results[keys.GRAPH] = graph
     if calib is not None:
         ctx.results[keys.CALIB] = calib
-    PassManager(passes if passes is not None else default_pipeline(recipe)).run(ctx)
+    ctx.results.update(reused)
+    pipeline = passes if passes is not None else default_pipeline(recipe)
+    PassManager([p for p in pipeline if not p.produces or not set(p.produces) <= set(reused)]).run(ctx)
     stats = {"compile_seconds": time.perf_counter() - start, "pass_seconds": dict(ctx.timings)}
     return CompiledModel(model, recipe, ctx.results.get(keys.BIT_PLAN, {}), ctx, tokenizer, stats)

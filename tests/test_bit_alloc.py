@@ -1,5 +1,6 @@
 """The exact allocator: optimal vs brute force, budget respected on disk, pins, infeasibility."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mqc
-from mqc.errors import InfeasibleBudgetError
+from mqc.errors import InfeasibleBudgetError, MqcError
 from mqc.passes import keys
 from mqc.passes.bit_alloc import solve_mckp
 from mqc.runtime.artifact import stored_tensors
@@ -77,7 +78,7 @@ def test_plan_fits_budget_on_disk(tmp_path_factory, calib, bits, outliers, allow
     out = mqc.save(compiled, tmp_path_factory.mktemp("a") / "art")
     tensors, aliases = stored_tensors(mqc.load(out)[0])
     names = {n: {n} | {a for a, src in aliases.items() if src == n} for n in tensors}  # a tied fp16 lm_head
-    planned = lambda n: any(alias.startswith(q + ".") for alias in names[n] for q in plan)  # noqa: E731
+    planned = lambda n: any(alias.startswith(q + ".") for alias in names[n] for q in plan)
     stored = sum(t.numel() * t.element_size() for n, t in tensors.items() if planned(n))
     assert stored == sum(p.nbytes for p in plan.values())
     assert 8 * stored / n_weights <= bits + 1e-9
@@ -94,7 +95,9 @@ def test_tied_embedding_counted_once(calib):
 
 def test_infeasible_budget_names_minimum(calib):
     with pytest.raises(InfeasibleBudgetError, match=r"needs \d+\.\d+ bits"):
-        mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(method="mq", bits=1.0, group_size=32), calib=calib, progress=False)
+        mqc.compile(
+            mqc.tiny_model("llama"), mqc.Recipe(method="mq", bits=1.0, group_size=32), calib=calib, progress=False
+        )
 
 
 def test_budget_frac_and_bytes_agree(calib):
@@ -106,3 +109,18 @@ def test_budget_frac_and_bytes_agree(calib):
     assert a.context[keys.ALLOCATION].budget_bytes == int(0.3 * fp16)
     units = a.context[keys.UNITS]
     assert budget_bytes(mqc.Recipe(method="mq", budget_bytes=12345), units) == 12345
+
+
+def test_reuse_skips_analysis_and_plans_the_same(calib):
+    """A budget sweep that reuses one compile's analysis gets the plans of separate compiles."""
+    recipe = mqc.Recipe(method="mq", bits=4.0, group_size=32, outlier_frac=0.01)
+    first = mqc.compile(mqc.tiny_model("llama"), recipe, calib=calib, progress=False)
+    tighter = dataclasses.replace(recipe, bits=3.5, sensitivity="fisher")
+    fresh = mqc.compile(mqc.tiny_model("llama"), tighter, calib=calib, progress=False)
+    reused = mqc.compile(mqc.tiny_model("llama"), tighter, reuse=first, progress=False)
+    assert "sensitivity" not in reused.stats["pass_seconds"] and "sensitivity" in fresh.stats["pass_seconds"]
+    assert {n: (p.bits, p.group_size) for n, p in reused.plan.items()} == {
+        n: (p.bits, p.group_size) for n, p in fresh.plan.items()
+    }
+    with pytest.raises(MqcError, match="reuse"):
+        mqc.compile(mqc.tiny_model("llama"), dataclasses.replace(recipe, outlier_frac=0.0), reuse=first, progress=False)
