@@ -150,6 +150,37 @@ def test_gqa_outliers_quantized_tied_embedding(tmp_path):
     assert_parity(c.model, out)
 
 
+def test_shared_cache_buffers_match_copying_cache(tmp_path):
+    """In-place cache buffers (onnxruntime-genai's share-buffer mode) give the logits of the
+    copying cache, through buffer growth mid-decode and a new prefill of another batch size."""
+    out = export(compiled(tiny("llama", head_dim=32), bits=4, group_size=32), tmp_path)
+    shared, copying = OnnxLM(out), OnnxLM(out, share_buffer=False)
+    assert shared.share_buffer and not copying.share_buffer
+    shared.min_capacity = 4
+    for ids in (prompt(batch=1, length=3), prompt(batch=2, length=5, seed=7)):
+        a, b = shared.prefill(ids.numpy()), copying.prefill(ids.numpy())
+        for _ in range(9):  # 3 + 9 tokens: 4 -> 8 -> 16; 5 + 9 tokens: 5 -> 10 -> 20
+            np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
+            token = b.logits[:, -1:].argmax(-1)
+            a, b = shared.step(token, a), copying.step(token, b)
+    assert next(iter(shared._buffers.values())).shape[:3] == (2, 2, 20)
+    (out / "prefill.onnx").unlink()  # a folder without a prompt graph (onnxruntime-genai's): prompts run in place
+    ids = prompt(batch=2).numpy()
+    np.testing.assert_allclose(OnnxLM(out).prefill(ids).logits, copying.prefill(ids).logits, rtol=0, atol=1e-5)
+    explicit = export(compiled(tiny("llama"), bits=4, group_size=32), tmp_path, name="explicit")
+    with pytest.raises(mqc.MqcError, match="cannot share cache buffers"):
+        OnnxLM(explicit, share_buffer=True)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_prompt_graph_uses_int8_activations_only_for_large_groups(tmp_path, group_size):
+    out = export(compiled(tiny("llama", head_dim=32), bits=4, group_size=group_size), tmp_path, accuracy_level=4)
+    for graph, expected in (("model.onnx", 4), ("prefill.onnx", 4 if group_size >= 128 else 0)):
+        nodes = onnx.load(str(out / graph), load_external_data=False).graph.node
+        levels = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {expected}, graph
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_other_widths_with_outliers(tmp_path, bits):
     c = compiled(tiny("llama", head_dim=32), bits=bits, group_size=64, outlier_frac=0.01, quantize_embeddings=True)

@@ -42,6 +42,12 @@ from mqc.runtime.modules import QEmbedding
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 GQA_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel needs head sizes that are multiples of 16
+# In the prompt graph (hundreds of rows) int8 activations are slower than float32 ones except
+# with groups of 128: 512 x 576 @ 576 x 49152 took 140 / 111 / 91 ms at groups of 32 / 64 / 128
+# with int8 activations and 102 to 106 ms with float32 ones (float MatMul: 88 ms; 2 threads,
+# AVX-512 VNNI Xeon, onnxruntime 1.32). One row (decode) is 2.3x to 3x faster with int8 at all
+# group sizes, so the decode graph keeps the export's level everywhere.
+PREFILL_INT8_MIN_GROUP = 128
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
@@ -175,7 +181,7 @@ class DecoderGraph:
                 x = self._norm(stream, layer.post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm")
                 stream.pending = self._mlp(i, layer.mlp, x)
         x = self._norm(stream, model.model.norm, "model.norm")
-        logits = emit_linear(g, x, linear_parts("lm_head", lm_head), self.accuracy_level)
+        logits = self.linear(x, linear_parts("lm_head", lm_head))
         g.add_output(logits, "logits", FLOAT, [BATCH, SEQ, spec.vocab_size])
         return g
 
@@ -202,7 +208,15 @@ class DecoderGraph:
             return out
 
     def linear(self, x: str, parts: LinearParts) -> str:
-        return emit_linear(self.g, x, parts, self.accuracy_level)
+        return emit_linear(self.g, x, parts, self.level(parts))
+
+    def level(self, parts: LinearParts) -> int:
+        """``MatMulNBits``' activation type for a layer: the export's in the decode graph; in the
+        prompt graph int8 activations only where they are faster on many rows, see
+        :data:`PREFILL_INT8_MIN_GROUP`."""
+        if self.with_past or parts.packed is None or parts.packed.group_size >= PREFILL_INT8_MIN_GROUP:
+            return self.accuracy_level
+        return 0
 
     # ---------------------------------------------------------------- attention
     def _attention(self, i: int, attn: torch.nn.Module, x: str) -> str:
