@@ -135,4 +135,8 @@ def compile(
     pipeline = passes if passes is not None else default_pipeline(recipe)
     PassManager([p for p in pipeline if not p.produces or not set(p.produces) <= set(reused)]).run(ctx)
     stats = {"compile_seconds": time.perf_counter() - start, "pass_seconds": dict(ctx.timings)}
+    if recipe.kv is not None:  # what the cache costs, per token and for a long context
+        from mqc.runtime.kv import REPORT_CONTEXT, kv_accounting
+
+        stats["kv"] = kv_accounting(model, context=REPORT_CONTEXT)
     return CompiledModel(model, recipe, ctx.results.get(keys.BIT_PLAN, {}), ctx, tokenizer, stats)

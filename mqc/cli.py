@@ -53,6 +53,7 @@ _KV_FLAGS = {
     "kv_quant": "quant_bits",
     "kv_train_steps": "train_steps",
     "kv_budget": "budget_frac",
+    "kv_sinks": "sink_tokens",
 }
 
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-quant", type=int, choices=[2, 4, 8], help="quantize the compressed K/V branch")
     c.add_argument("--kv-train-steps", type=int, help="reconstruction training steps per layer")
     c.add_argument("--kv-budget", type=float, help="choose per-layer K/V ranks for this fraction of KV memory")
+    c.add_argument("--kv-sinks", type=int, help="first tokens of a sequence kept exact (default 4)")
     c.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print an artifact's per-layer plan")
     i.add_argument("artifact")
+    i.add_argument("--kv-context", type=int, help="low-rank KV: size the whole cache at this many tokens (default 4096)")
     i.add_argument("--json", action="store_true")
 
     x = sub.add_parser("export", help="export an artifact or model for onnxruntime")
@@ -207,13 +210,17 @@ def cmd_eval(args) -> int:
 def cmd_inspect(args) -> int:
     from mqc.report import layer_table, totals
     from mqc.runtime.artifact import read_manifest
+    from mqc.runtime.kv import REPORT_CONTEXT, kv_accounting, kv_summary_lines
 
     manifest = read_manifest(args.artifact)
+    kv = kv_accounting(args.artifact, context=args.kv_context or REPORT_CONTEXT)
     if args.json:
-        print(json.dumps({k: manifest[k] for k in ("model_type", "plan", "accounting", "recipe")} | {"totals": totals(manifest["plan"])}, indent=2))
+        print(json.dumps({k: manifest[k] for k in ("model_type", "plan", "accounting", "recipe")} | {"totals": totals(manifest["plan"]), "kv": kv}, indent=2))
         return 0
     print(f"{args.artifact}: {manifest['model_type']}, mqc {manifest['mqc_version']}, method {manifest['recipe']['method']}")
     print(layer_table(manifest["plan"]))
+    for line in kv_summary_lines(kv) if kv else []:
+        print(line)
     return 0
 
 

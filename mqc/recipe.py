@@ -52,6 +52,7 @@ class KVRecipe:
     quant_bits: int | None = None  # 2/4/8 bits for the compressed branch, None keeps fp16
     train_steps: int = 0
     budget_frac: float | None = None  # choose per-layer ranks so KV bytes <= frac of the original
+    sink_tokens: int = 4  # first tokens of a sequence kept exact (StreamingLLM's attention sinks)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class Recipe:
                 raise RecipeError(f"kv rank {self.kv.rank} must be a fraction in (0, 1]")
             if self.kv.quant_bits is not None and self.kv.quant_bits not in (2, 4, 8):
                 raise RecipeError(f"kv quant_bits {self.kv.quant_bits} must be 2, 4 or 8")
+            if self.kv.sink_tokens < 0:
+                raise RecipeError(f"kv sink_tokens ({self.kv.sink_tokens}) must be >= 0")
             if self.kv.window < 1 or self.kv.train_steps < 0:
                 raise RecipeError(f"kv window ({self.kv.window}) must be >= 1 and train_steps ({self.kv.train_steps}) >= 0")
             if self.kv.budget_frac is not None and not 0.0 < self.kv.budget_frac <= 1.0:
@@ -150,11 +153,11 @@ class Recipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
         return _build(cls, data, "recipe")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
+    def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found")

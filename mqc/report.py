@@ -113,6 +113,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"budget {a['budget_bits']:.3f} bits ({a['budget_bytes']:,} B), used {a['used_bits']:.3f} bits, "
             f"slack {a['slack_bytes']:,} B, objective {a['objective']:.4g} ({a['status']})"
         )
+    if report.get("kv"):
+        from mqc.runtime.kv import kv_summary_lines
+
+        lines += kv_summary_lines(report["kv"])
     lines.append(f"compile time {report['timings']['compile_seconds']:.1f} s, peak memory {report['peak_rss_mib']:.0f} MiB")
     ev = report.get("evaluation")
     if ev:

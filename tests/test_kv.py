@@ -8,9 +8,10 @@ import torch
 import mqc
 import mqc.runtime.kv  # registers the attention until mqc.runtime imports it
 from mqc import quant
-from mqc.errors import InfeasibleBudgetError, UnsupportedModelError
+from mqc.errors import InfeasibleBudgetError, RecipeError, UnsupportedModelError
 from mqc.passes import keys
 from mqc.passes.kv_lowrank import Factorization, attention_output_errors, balance, relative_error, train_factors
+from mqc.report import build_report, summary_lines
 from mqc.runtime.kv import KVSettings, LowRankKVCache, Sections, kv_accounting
 
 WINDOW = 8
@@ -141,6 +142,16 @@ def test_artifact_roundtrip_generates_same_tokens(tmp_path):
     greedy = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(result.model.generate(x, **greedy), loaded.generate(x, **greedy))
     assert kv_accounting(loaded) == kv_accounting(result.model) == kv_accounting(tmp_path / "art")
+
+
+def test_sink_tokens_reach_the_cache_and_the_report():
+    _, result = compiled(mqc.KVRecipe(rank=0.5, method="svd", window=WINDOW, sink_tokens=2))
+    assert KVSettings.of(result.model.config).sinks == 2
+    lines = summary_lines(build_report(result))
+    assert any("2 sink tokens" in line for line in lines)
+    assert any(line.startswith("KV cache at 4,096 tokens") for line in lines)
+    with pytest.raises(RecipeError, match="sink_tokens"):
+        mqc.Recipe(kv=mqc.KVRecipe(sink_tokens=-1))
 
 
 def test_accounting_counts_stored_bytes(low_rank_4bit):

@@ -12,15 +12,16 @@ Variants (built once under --work, reused on later runs unless --rebuild):
 * ``gptq4_g64`` / ``gptq4_g32``: uniform 4-bit with mqc's sequential GPTQ;
 * ``mq4.2`` / ``mq3.0``: mqc mixed precision at 4.2 / 3.0 average bits, every overhead counted
   (sensitivity measured once, both budgets allocated from it), lowered with sequential GPTQ;
-* ``rtn4_g128_acc0``: the rtn4_g128 model exported with float32 activations (exact mode).
+* ``rtn4_g128_acc0`` / ``gptq4_g32_acc0``: those models exported with float32 activations
+  (exact mode).
 
 mqc variants use ``accuracy_level=4`` (int8 activations in ``MatMulNBits``) unless named ``_acc0``.
 
 Measured, interleaved in one process (``--rounds`` rounds over all variants; medians, and ratios
 as the median of per-round ratios, so that both sides of a ratio saw the same machine load),
 all with onnxruntime's CPU provider and 2 intra-op threads through the same Python loop
-(:class:`mqc.export.OnnxLM`): decode tokens/s (128 greedy tokens after a 32-token prompt; only the
-128 steps are timed), the time of one 512-token prefill, file sizes, perplexity of the ONNX
+(:class:`mqc.export.OnnxLM`, cache buffers shared in place where the graph allows): decode
+tokens/s (128 greedy tokens after a 32-token prompt; only the 128 steps are timed), the time of one 512-token prefill, file sizes, perplexity of the ONNX
 graphs (mqc.data.perplexity's protocol: Brown eval split, context = stride = 512, first
 ``--tokens`` tokens), the torch runtime's perplexity on the same tokens for the mqc variants, and
 greedy agreement with the torch runtime (32 tokens, three prompts). Where onnxruntime-genai is
@@ -86,6 +87,7 @@ MQC_RECIPES = {
         for bits in (4.2, 3.0)
     },
 }
+EXACT_TOO = ("rtn4_g128", "gptq4_g32")  # also exported with float32 activations (``_acc0``)
 CALIBRATED = ("gptq4_g64", "gptq4_g32", "mq4.2", "mq3.0")
 
 
@@ -168,7 +170,7 @@ def build_variants(
             continue
         compiled, manifest = compile_cached(name, work, rebuild, model, tokenizer, calib, analyses)
         torch_models[name] = compiled
-        levels = (4, 0) if name == "rtn4_g128" else (4,)
+        levels = (4, 0) if name in EXACT_TOO else (4,)
         for level in levels:
             label = name if level == 4 else f"{name}_acc0"
             out = work / "onnx" / label
@@ -350,6 +352,7 @@ TABLE = (  # header, row key, width, format
     ("x fp32", "prefill_vs_fp32_paired_median", 8, ".2f"),
     ("MB", "decode_model_mb", 8, ".1f"),
     ("bits/w", "file_bits_per_weight", 8, ".2f"),
+    ("og tok/s", "genai_generator_decode_tok_s", 10, ".1f"),
     ("ppl onnx", "ppl_onnx", 10, ".2f"),
     ("ppl torch", "ppl_torch_runtime", 11, ".2f"),
 )
@@ -362,7 +365,9 @@ def print_table(rows: list[dict]) -> None:
         for _, key, width, fmt in TABLE:
             value = r.get(key)
             cells.append(
-                f"{value:{width}}" if fmt == "<" else f"{float('nan') if value is None else value:>{width}{fmt}}"
+                f"{value:{width}}"
+                if fmt == "<"
+                else f"{value if isinstance(value, (int, float)) else float('nan'):>{width}{fmt}}"
             )
         print("".join(f"{c:<16}" if i == 0 else c for i, c in enumerate(cells)))
 

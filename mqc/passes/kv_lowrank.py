@@ -49,7 +49,7 @@ from mqc.passes.act_stats import CALIB_BATCH
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.bit_alloc import solve_mckp
 from mqc.recipe import KVRecipe
-from mqc.runtime.kv import FULL_BYTES, SINK_TOKENS, KVSettings, LowRankKVProj, check_supported, install
+from mqc.runtime.kv import FULL_BYTES, KVSettings, LowRankKVProj, check_supported, install
 
 RANK_GRID = 16  # ranks tried per projection under a budget: width * i / 16
 BUDGET_SAMPLES = 2  # calibration sequences whose attention outputs price the ranks under a budget
@@ -373,8 +373,7 @@ class KVLowRank(Pass):
         check_supported(model)
         layers = self._projections(ctx)
         names = [n for _, k, v in layers for n in (k, v)]
-        # sink_tokens is not a KVRecipe field yet: the runtime default until it is
-        settings = KVSettings(kv.window, kv.quant_bits, sinks=getattr(kv, "sink_tokens", SINK_TOKENS))
+        settings = KVSettings(kv.window, kv.quant_bits, sinks=kv.sink_tokens)
         stats = ctx.results.get(keys.ACT_STATS, {})
         weights = {n: model.get_submodule(n).weight.detach().float() for n in names}
         with single_threaded():

@@ -58,6 +58,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from mqc import quant
 from mqc.errors import UnsupportedModelError
+from mqc.recipe import KVRecipe
 from mqc.runtime.modules import register_runtime_module
 
 ATTN_IMPLEMENTATION = "mqc_lowrank_kv"
@@ -66,7 +67,8 @@ CONFIG_ATTR = "mqc_kv"
 # single rotary embedding on the decoder: the runtime rebuilds their keys exactly that way.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
 FEATURE_GROUP_SIZE = 32  # per-token quantization groups of the compressed features
-SINK_TOKENS = 4  # first tokens of a sequence kept exact (attention sinks)
+SINK_TOKENS = KVRecipe.sink_tokens  # first tokens of a sequence kept exact (attention sinks)
+REPORT_CONTEXT = 4096  # tokens of the whole-cache size that compile reports and `mqc inspect` show
 FULL_BYTES = 2  # accounted bytes of one full-precision K/V element (fp16)
 POSITION_BYTES = 4  # int32 position per token, shared by all layers
 QUERY_CHUNK = 1024  # queries per sdpa call under a materialised mask (bounds prefill memory)
