@@ -9,7 +9,7 @@ Variants (built once under --work, reused on later runs unless --rebuild):
   (``-p int4 -e cpu``: symmetric 4-bit, block 32, accuracy_level 4, tied int4 embedding);
 * ``rtn4_g128`` / ``rtn4_g64`` / ``rtn4_g32``: mqc uniform 4-bit round-to-nearest, groups of
   128/64/32 (embedding/lm_head included, tied as in the model);
-* ``gptq4_g64`` / ``gptq4_g32``: uniform 4-bit with mqc's sequential GPTQ;
+* ``gptq4_g128`` / ``gptq4_g64`` / ``gptq4_g32``: uniform 4-bit with mqc's sequential GPTQ;
 * ``mq4.2`` / ``mq3.0``: mqc mixed precision at 4.2 / 3.0 average bits, every overhead counted
   (sensitivity measured once, both budgets allocated from it), lowered with sequential GPTQ;
 * ``rtn4_g128_acc0`` / ``gptq4_g32_acc0``: those models exported with float32 activations
@@ -69,6 +69,7 @@ MQC_RECIPES = {
     "rtn4_g128": {"bits": 4, "group_size": 128, "quantize_embeddings": True},
     "rtn4_g64": {"bits": 4, "group_size": 64, "quantize_embeddings": True},
     "rtn4_g32": {"bits": 4, "group_size": 32, "quantize_embeddings": True},
+    "gptq4_g128": {"bits": 4, "group_size": 128, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq4_g64": {"bits": 4, "group_size": 64, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq4_g32": {"bits": 4, "group_size": 32, "quantize_embeddings": True, "quantizer": "gptq"},
     # mq: the best settings of the mixed-precision sweep (benchmarks/results/mixed_precision.json):
@@ -88,7 +89,7 @@ MQC_RECIPES = {
     },
 }
 EXACT_TOO = ("rtn4_g128", "gptq4_g32")  # also exported with float32 activations (``_acc0``)
-CALIBRATED = ("gptq4_g64", "gptq4_g32", "mq4.2", "mq3.0")
+CALIBRATED = ("gptq4_g128", "gptq4_g64", "gptq4_g32", "mq4.2", "mq3.0")
 
 
 @dataclass

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mqc import quant
-from mqc.export.graph import MS_DOMAIN, GraphBuilder, to_numpy
+from mqc.export.graph import INT64, MS_DOMAIN, GraphBuilder, to_numpy
 from mqc.runtime.modules import QLinear
 
 MATMUL_NBITS_BITS = (2, 4, 8)
@@ -176,11 +177,20 @@ def _add_outliers(g: GraphBuilder, x: str, y: str, name: str, outliers: Outliers
     Tokens go last so that one constant ``[nnz, 1]`` row index drives ``ScatterND``, whatever
     the batch and sequence sizes.
     """
-    cols = g.weight(f"{name}.outlier_cols", to_numpy(outliers.cols))
-    rows = g.weight(f"{name}.outlier_rows", to_numpy(outliers.rows[:, None]))
+    cols = _index(g, f"{name}.outlier_cols", outliers.cols)
+    rows = _index(g, f"{name}.outlier_rows", outliers.rows[:, None])
     values = g.float_weight(f"{name}.outlier_values", outliers.values[:, None, None])
     gathered = g.op("Gather", [g.op("Transpose", [x], perm=[2, 0, 1]), cols], axis=0)  # [nnz, B, S]
     updates = g.op("Mul", [gathered, values])
     y_t = g.op("Transpose", [y], perm=[2, 0, 1])  # [N, B, S]
     summed = g.op("ScatterND", [y_t, rows, updates], reduction="add")
     return g.op("Transpose", [summed], perm=[1, 2, 0])
+
+
+def _index(g: GraphBuilder, name: str, index: torch.Tensor) -> str:
+    """int64 indices stored in the narrowest unsigned type that holds them, widened by a Cast
+    that onnxruntime folds at load: the file keeps about the artifact's bytes per outlier
+    (fp16 value + two 16-bit indices for most layers) instead of 18."""
+    largest = int(index.max()) if index.numel() else 0
+    narrow = next(t for t in (np.uint16, np.uint32) if largest <= np.iinfo(t).max)
+    return g.op("Cast", [g.weight(name, index.numpy().astype(narrow))], to=INT64)

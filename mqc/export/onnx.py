@@ -14,15 +14,18 @@ The directory is written next to its destination and renamed into place; an exis
 replaced only with ``force``. Every graph passes ``onnx.checker`` before the rename.
 
 ``accuracy_level`` is ``MatMulNBits``' compute type for its activations; the weights are mqc's
-exact packed codes either way. The default, 4, is chosen for speed: onnxruntime quantizes each
-block of activations to int8 on the fly and uses integer dot products (VNNI/AMX on x86,
-dotprod/i8mm on Arm). It is also what onnxruntime-genai's int4 CPU builds use. Measured on the
-default model at 4 bits (g128, 2 threads): about 2.2x the decode speed of ``accuracy_level=0``
-(105 vs 47 tokens/s), but the activation rounding moves logits by up to ~2 (of ~30) and greedy
-output leaves the torch runtime's after 5 to 12 tokens. ``accuracy_level=0`` keeps float32
-activations: logits within 2e-4 of the torch runtime and the same 32 greedy tokens on each of
-three prompts. Use it where output must match the runtime; see
-``benchmarks/results/onnx_cpu.json`` for perplexity at both levels.
+exact packed codes either way. The default, 4, is chosen for decode speed: onnxruntime quantizes
+each block of activations to int8 on the fly and uses integer dot products (VNNI/AMX on x86,
+dotprod/i8mm on Arm), as onnxruntime-genai's int4 CPU builds do. The prompt graph uses it only
+for layers with groups of 128 or more, where it is also the faster choice on many rows (see
+:data:`mqc.export.decoder.PREFILL_INT8_MIN_GROUP`); its other layers keep float32 activations.
+Measured on the default model (``benchmarks/results/onnx_cpu.json``: 2 threads, 2-core AVX-512
+Xeon): 4-bit g128 decodes at 216 tokens/s with level 4 and 98 with level 0, g32 at 165 and
+102. The int8 rounding moves logits (by up to 2.6 of ~30 in the g128 prompt graph) and greedy
+output can leave the torch runtime's: after 5 to 12 tokens at g128 RTN, while the GPTQ g32
+model kept all 32 tokens on three prompts. ``accuracy_level=0`` keeps float32 activations
+everywhere: logits within 2e-4 of the torch runtime and the same greedy tokens. Use it where
+output must match the runtime.
 """
 
 from __future__ import annotations
