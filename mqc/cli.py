@@ -81,7 +81,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqc", description="Compile causal LMs into small, fast mixed-precision models.")
+    parser = argparse.ArgumentParser(
+        prog="mqc", description="Compile causal LMs into small, fast mixed-precision models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="quantize a model and write an artifact")
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
     c.add_argument("--allowed-group-sizes", type=_parse_bits_list,
                    help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
-    c.add_argument("--quantizer", choices=["rtn", "gptq"], help="lowering: round-to-nearest (default) or sequential GPTQ")
+    c.add_argument(
+        "--quantizer", choices=["rtn", "gptq"], help="lowering: round-to-nearest (default) or sequential GPTQ"
+    )
     c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
     c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip
@@ -126,13 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print an artifact's per-layer plan")
     i.add_argument("artifact")
-    i.add_argument("--kv-context", type=int, help="low-rank KV: size the whole cache at this many tokens (default 4096)")
+    i.add_argument(
+        "--kv-context", type=int, help="low-rank KV: size the whole cache at this many tokens (default 4096)"
+    )
     i.add_argument("--json", action="store_true")
 
     x = sub.add_parser("export", help="export an artifact or model for onnxruntime")
     x.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
     x.add_argument("--onnx", required=True, metavar="OUT_DIR", help="directory to write the ONNX graphs to")
     x.add_argument("--force", action="store_true", help="replace an existing export at OUT_DIR")
+    x.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 4],
+        default=4,
+        help="MatMulNBits activations: 4 int8 (fast, default), 0 float32 (matches the torch runtime)",
+    )
 
     g = sub.add_parser("generate", help="generate text with a model or artifact")
     g.add_argument("model", nargs="?", help="artifact dir, local HF model dir, or 'default'")
@@ -180,7 +193,13 @@ def cmd_compile(args) -> int:
     if args.eval:
         ppl, _ = _evaluate(model, tokenizer, args)
         text = args.eval_file or "Brown eval split"
-        evaluation = {"ppl_reference": ppl_ref, "ppl_compiled": ppl, "tokens": tokens, "context": args.context, "text": text}
+        evaluation = {
+            "ppl_reference": ppl_ref,
+            "ppl_compiled": ppl,
+            "tokens": tokens,
+            "context": args.context,
+            "text": text,
+        }
     report = build_report(compiled, evaluation)
     report["artifact"] = {"path": str(out), "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir())}
     write_reports(report, out)
@@ -191,7 +210,9 @@ def cmd_compile(args) -> int:
         print()
         for line in summary_lines(report):
             print(line)
-        print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
+        print(
+            f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md"
+        )
     return 0
 
 
@@ -215,9 +236,17 @@ def cmd_inspect(args) -> int:
     manifest = read_manifest(args.artifact)
     kv = kv_accounting(args.artifact, context=args.kv_context or REPORT_CONTEXT)
     if args.json:
-        print(json.dumps({k: manifest[k] for k in ("model_type", "plan", "accounting", "recipe")} | {"totals": totals(manifest["plan"]), "kv": kv}, indent=2))
+        print(
+            json.dumps(
+                {k: manifest[k] for k in ("model_type", "plan", "accounting", "recipe")}
+                | {"totals": totals(manifest["plan"]), "kv": kv},
+                indent=2,
+            )
+        )
         return 0
-    print(f"{args.artifact}: {manifest['model_type']}, mqc {manifest['mqc_version']}, method {manifest['recipe']['method']}")
+    print(
+        f"{args.artifact}: {manifest['model_type']}, mqc {manifest['mqc_version']}, method {manifest['recipe']['method']}"
+    )
     print(layer_table(manifest["plan"]))
     for line in kv_summary_lines(kv) if kv else []:
         print(line)
@@ -237,7 +266,10 @@ def _on_device(model, device: str):
         raise MqcError("--device cuda: no CUDA device is visible; use --device cpu")
     fuse_model(model)  # no-op for a float or already-fused model
     if not kernels_available():
-        print("mqc: note: CuPy is not installed; quantized layers dequantize then matmul (pip install cupy-cuda13x)", file=sys.stderr)
+        print(
+            "mqc: note: CuPy is not installed; quantized layers dequantize then matmul (pip install cupy-cuda13x)",
+            file=sys.stderr,
+        )
     return model.to("cuda", torch.float16)
 
 
@@ -266,7 +298,7 @@ def cmd_export(args) -> int:
     from mqc.models import load_any
 
     model, tokenizer = load_any(args.model)
-    out = export_onnx(model, tokenizer, args.onnx, force=args.force)
+    out = export_onnx(model, tokenizer, args.onnx, force=args.force, accuracy_level=args.accuracy_level)
     print(f"exported to {out}")
     return 0
 
@@ -298,11 +330,22 @@ def cmd_generate(args) -> int:
     out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
     new = out[0, ids["input_ids"].shape[1] :]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    print(json.dumps({"prompt": args.prompt, "completion": text, "tokens": new.tolist()}) if args.json else args.prompt + text)
+    print(
+        json.dumps({"prompt": args.prompt, "completion": text, "tokens": new.tolist()})
+        if args.json
+        else args.prompt + text
+    )
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench, "export": cmd_export}
+COMMANDS = {
+    "compile": cmd_compile,
+    "eval": cmd_eval,
+    "inspect": cmd_inspect,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,9 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
     assert main(["compile", *args, "--eval", "--eval-file", str(text), "--context", "64"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in printed and "perplexity: reference" in printed
-    assert {"manifest.json", "model.safetensors", "report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
+    assert {"manifest.json", "model.safetensors", "report.json", "report.md", "report.png"} <= {
+        p.name for p in out.iterdir()
+    }
 
     assert main(["compile", *args]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
@@ -52,7 +54,8 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
     assert len(new_tokens) == 5
 
     onnx_dir = tmp_path / "onnx"
-    assert main(["export", str(out), "--onnx", str(onnx_dir)]) == 0
+    assert main(["export", str(out), "--onnx", str(onnx_dir), "--accuracy-level", "0"]) == 0
+    assert json.loads((onnx_dir / "mqc_onnx.json").read_text())["accuracy_level"] == 0
     capsys.readouterr()
     assert main(["generate", "--onnx", str(onnx_dir), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == new_tokens
@@ -96,7 +99,9 @@ def test_unknown_recipe_key(tmp_path, capsys):
 def test_unsupported_architecture(tmp_path, capsys):
     from transformers import BertConfig
 
-    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(tmp_path)
     assert main(["compile", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "model type 'bert' is not supported" in capsys.readouterr().err
 
