@@ -146,7 +146,7 @@ def test_gqa_outliers_quantized_tied_embedding(tmp_path):
     out = export(c, tmp_path)
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("GatherBlockQuantized") == 1
-    assert ops.count("ScatterND") == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert ops.count("CumSum") == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
     assert_parity(c.model, out)
 
 
@@ -179,6 +179,27 @@ def test_prompt_graph_uses_int8_activations_only_for_large_groups(tmp_path, grou
         nodes = onnx.load(str(out / graph), load_external_data=False).graph.node
         levels = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
         assert levels == {expected}, graph
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_outliers_on_long_prompts_without_scatter(tmp_path, accuracy_level):
+    """Rows with many outliers over 2 x 256 tokens on 2 threads. ``ScatterND`` with repeated
+    rows raced under onnxruntime's threads on the default model (logits off by 0.5 on a
+    512-token window; too rare to reproduce on a tiny model), so no scatter may appear."""
+    c = compiled(tiny("llama", head_dim=32), bits=4, group_size=32, outlier_frac=0.2)
+    out = export(c, tmp_path, accuracy_level=accuracy_level)
+    for graph in ("model.onnx", "prefill.onnx"):
+        nodes = onnx.load(str(out / graph), load_external_data=False).graph.node
+        ops = {n.op_type for n in nodes}
+        assert "CumSum" in ops and not {op for op in ops if op.startswith("Scatter")}
+        in_double = any(n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE for n in nodes)
+        assert in_double == (accuracy_level == 0)  # exact mode sums in float64
+    lm = OnnxLM(out, threads=2)
+    ids = prompt(batch=2, length=256)
+    with torch.no_grad():
+        ref = c.model(ids).logits.numpy()
+    bound = ATOL if accuracy_level == 0 else ATOL_INT8 * np.abs(ref).max()
+    assert np.abs(lm.prefill(ids.numpy()).logits - ref).max() <= bound
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])

@@ -30,6 +30,7 @@ DATA_ALIGNMENT = 4096  # external tensors start at page offsets, so onnxruntime 
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
+DOUBLE = TensorProto.DOUBLE
 INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64
 BOOL = TensorProto.BOOL
