@@ -20,8 +20,8 @@ dotprod/i8mm on Arm), as onnxruntime-genai's int4 CPU builds do. The prompt grap
 for layers with groups of 128 or more, where it is also the faster choice on many rows (see
 :data:`mqc.export.decoder.PREFILL_INT8_MIN_GROUP`); its other layers keep float32 activations.
 Measured on the default model (``benchmarks/results/onnx_cpu.json``: 2 threads, 2-core AVX-512
-Xeon): 4-bit g128 decodes at 216 tokens/s with level 4 and 98 with level 0, g32 at 165 and
-102. The int8 rounding moves logits (by up to 2.6 of ~30 in the g128 prompt graph) and greedy
+Xeon): 4-bit RTN g128 decodes at 176 tokens/s with level 4 and 92 with level 0, GPTQ g32 at
+151 and 99. The int8 rounding moves logits (by up to 2.6 of ~30 in the g128 prompt graph) and greedy
 output can leave the torch runtime's: after 5 to 12 tokens at g128 RTN, while the GPTQ g32
 model kept all 32 tokens on three prompts. ``accuracy_level=0`` keeps float32 activations
 everywhere: logits within 2e-4 of the torch runtime and the same greedy tokens. Use it where
