@@ -112,3 +112,37 @@ def test_nan_weights_refused():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(mqc.MqcError, match="NaN/Inf"):
         mqc.compile(model, mqc.Recipe(bits=4, group_size=32), progress=False)
+
+
+def test_compile_and_inspect_low_rank_kv(tiny_dir, tmp_path, capsys):
+    model_dir, text = tiny_dir
+    out = tmp_path / "kv"
+    kv = ["--kv-rank", "0.5", "--kv-method", "svd", "--kv-window", "8", "--kv-sinks", "2"]
+    assert (
+        main(
+            [
+                "compile",
+                str(model_dir),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                *kv,
+                "--out",
+                str(out),
+                "--calib-file",
+                str(text),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "low-rank KV cache: 2 layers" in printed
+        and "2 sink tokens" in printed
+        and "KV cache at 4,096 tokens" in printed
+    )
+    assert main(["inspect", str(out), "--kv-context", "100"]) == 0
+    assert "KV cache at 100 tokens" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv"]["sinks"] == 2
