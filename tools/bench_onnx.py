@@ -1,6 +1,8 @@
 """ONNX/onnxruntime CPU benchmark of the default model: mqc exports vs fp32 vs onnxruntime-genai int4.
 
     python tools/bench_onnx.py            -> benchmarks/results/onnx_cpu.json + onnx_cpu.png
+    python tools/bench_onnx.py --variants rtn4_g128,gptq4_g64,gptq4_g32 --rounds 15 \
+        --out benchmarks/results/onnx_cpu_4bit_decode.json   (more rounds for the 4-bit rows)
 
 Variants (built once under --work, reused on later runs unless --rebuild):
 
@@ -148,9 +150,10 @@ def build_genai(out: Path, work: Path) -> str | None:
 
 
 def build_variants(
-    work: Path, rebuild: bool, skip_calibrated: bool, calib: mqc.CalibRecipe
+    work: Path, rebuild: bool, skip_calibrated: bool, calib: mqc.CalibRecipe, only: set[str] | None = None
 ) -> tuple[list[Variant], dict, list[str]]:
-    """Every variant's ONNX folder, the torch models of the mqc ones, and notes on what is missing."""
+    """Every variant's ONNX folder (the mqc ones restricted to ``only`` when given), the torch
+    models of the mqc ones, and notes on what is missing."""
     model, tokenizer = mqc.load_hf_model()
     variants, torch_models, notes, analyses = [], {}, [], {}
     fp32 = work / "onnx" / "fp32"
@@ -166,6 +169,8 @@ def build_variants(
     if (genai / "model.onnx").is_file():
         variants.append(Variant("genai_int4", genai, "genai"))
     for name in MQC_RECIPES:
+        if only is not None and name not in only:
+            continue
         if skip_calibrated and name in CALIBRATED:
             notes.append(f"{name} skipped (--skip-calibrated)")
             continue
@@ -402,14 +407,20 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-calibrated", action="store_true", help="leave out GPTQ and mixed precision (slow to compile)"
     )
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens (gptq, mq)")
+    parser.add_argument(
+        "--variants", help=f"comma-separated mqc variants to run (fp32 and genai_int4 always): {','.join(MQC_RECIPES)}"
+    )
     parser.add_argument("--out", default=str(RESULTS / "onnx_cpu.json"))
     args = parser.parse_args(argv)
+    only = None if args.variants is None else set(args.variants.split(","))
+    if only is not None and only - set(MQC_RECIPES):
+        parser.error(f"unknown variants: {', '.join(sorted(only - set(MQC_RECIPES)))}")
     torch.set_num_threads(THREADS)
     work = Path(args.work)
     load_before = os.getloadavg()
     print("building variants ...")
     calib = mqc.CalibRecipe(n_samples=args.calib_samples, seq_len=512)
-    variants, torch_models, notes = build_variants(work, args.rebuild, args.skip_calibrated, calib)
+    variants, torch_models, notes = build_variants(work, args.rebuild, args.skip_calibrated, calib, only)
     _, tokenizer = mqc.load_hf_model()
     eval_ids = token_stream(tokenizer, "eval")
     sessions = {v.name: OnnxLM(v.path, threads=THREADS) for v in variants}
