@@ -244,6 +244,9 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise InvalidWeightsError("the calibration Hessian is not positive definite even after damping; use more calibration data")
 
 
+GPTQ_BLOCK = 128  # columns updated together before the rest of the matrix sees their errors
+
+
 def _gptq_codes(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -255,41 +258,45 @@ def _gptq_codes(
     """GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's error onto the
     not-yet-quantized columns through the inverse Hessian of the layer's inputs.
 
-    Blocks are the quantization groups, so each group's grid is fitted to its weights *after* the
-    updates from earlier groups. Outlier positions are taken as exact (no error to push); their
-    final updated values are returned in ``target`` together with the dense result, so that
-    ``target`` is the matrix the runtime must reproduce (dense part + outlier residuals).
-    Returns (q, z, s) in the layout of :func:`_codes` and ``target [N, K]``.
+    Columns go in decreasing order of the Hessian's diagonal ("act order": the inputs with the
+    most energy are rounded first, while the most columns are left to absorb their error), and
+    every group's grid is fitted to the group's original weights before any update ("static
+    groups"), so the stored layout stays one grid per group of consecutive columns. Measured on
+    the default model at 4 bits, g64: perplexity 48.59 against 52.42 for groups in column order
+    with grids fitted after the updates (fp: 39.20; 16 x 512 calibration tokens). Outlier
+    positions are taken as exact (no error to push); their final updated values are returned in
+    ``target`` together with the dense result, so that ``target`` is the matrix the runtime must
+    reproduce (dense part + outlier residuals). Returns (q, z, s) in the layout of :func:`_codes`
+    and ``target [N, K]``.
     """
     _check_args(weight, bits, group_size)
     levels = (1 << bits) - 1
     w = weight.float().clone()
     rows, cols = w.shape
-    hinv = _inverse_hessian_factor(hessian, damp)
     w[:, torch.diag(hessian) == 0] = 0.0
     keep = torch.ones_like(w, dtype=torch.bool) if outlier_mask is None else ~outlier_mask
-    blocks = n_blocks(cols, group_size)
-    q = torch.zeros(rows, blocks, group_size)
-    zeros = torch.zeros(rows, blocks)
-    scales = torch.zeros(rows, blocks, dtype=torch.float16)
-    target = torch.zeros_like(w)
-    for b in range(blocks):
-        i1, i2 = b * group_size, min((b + 1) * group_size, cols)
-        block, block_keep = w[:, i1:i2], keep[:, i1:i2]
-        zero, scale16 = _params(block, block_keep, levels)
-        zeros[:, b], scales[:, b] = zero, scale16
+    zeros, scales = _params(_grouped(w, group_size, 0.0), _grouped(keep.float(), group_size, 0.0).bool(), levels)
+    order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    hinv = _inverse_hessian_factor(hessian[order][:, order], damp)
+    w, keep, group = w[:, order], keep[:, order], order // group_size
+    q, target = torch.zeros(rows, cols), torch.zeros(rows, cols)
+    for i1 in range(0, cols, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, cols)
+        block, h_block = w[:, i1:i2], hinv[i1:i2, i1:i2]
         errors = torch.zeros_like(block)
-        h_block = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            zero, scale16 = zeros[:, group[i1 + i]], scales[:, group[i1 + i]]
             column = block[:, i]
             code = _encode(column[:, None], zero, scale16, levels)[:, 0]
-            value = torch.where(block_keep[:, i], (code - zero) * scale16.float(), column)
-            q[:, b, i], target[:, i1 + i] = code, value
+            value = torch.where(keep[:, i1 + i], (code - zero) * scale16.float(), column)
+            q[:, i1 + i], target[:, i1 + i] = code, value
             err = (column - value) / h_block[i, i]
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
             errors[:, i] = err
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return q.to(torch.int32), zeros.to(torch.int32), scales, target
+    restore = torch.argsort(order)
+    q = _grouped(q[:, restore], group_size, 0.0)  # padding codes 0, as in _codes
+    return q.to(torch.int32), zeros.to(torch.int32), scales, target[:, restore]
 
 
 def _from_codes(q: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, in_features: int):
