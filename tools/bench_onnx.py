@@ -1,7 +1,7 @@
 """ONNX/onnxruntime CPU benchmark of the default model: mqc exports vs fp32 vs onnxruntime-genai int4.
 
     python tools/bench_onnx.py            -> benchmarks/results/onnx_cpu.json + onnx_cpu.png
-    python tools/bench_onnx.py --variants rtn4_g128,gptq4_g64,gptq4_g32 --rounds 15 \
+    python tools/bench_onnx.py --variants rtn4_g128,gptq4_g64,gptq4_g32 --rounds 9 \
         --out benchmarks/results/onnx_cpu_4bit_decode.json   (more rounds for the 4-bit rows)
 
 Variants (built once under --work, reused on later runs unless --rebuild):
