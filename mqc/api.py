@@ -47,12 +47,10 @@ def _analysis_fields(recipe: Recipe) -> Recipe:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return (
-        recipe.method == "mq"
-        or recipe.outlier_frac > 0
-        or recipe.uses_gptq
-        or (recipe.kv is not None and recipe.kv.method == "asvd")
-    )
+    from mqc.passes.kv_lowrank import required_results
+
+    kv_reads = recipe.kv is not None and bool(required_results(recipe.kv))  # activation stats need calibration too
+    return recipe.method == "mq" or recipe.outlier_frac > 0 or recipe.uses_gptq or kv_reads
 
 
 def default_pipeline(recipe: Recipe) -> list[Pass]:

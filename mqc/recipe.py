@@ -54,6 +54,20 @@ class KVRecipe:
     budget_frac: float | None = None  # choose per-layer ranks so KV bytes <= frac of the original
     sink_tokens: int = 4  # first tokens of a sequence kept exact (StreamingLLM's attention sinks)
 
+    def __post_init__(self) -> None:
+        if self.method not in ("svd", "asvd"):
+            raise RecipeError(f"unknown kv method {self.method!r}; use 'svd' or 'asvd'")
+        if not 0.0 < self.rank <= 1.0:
+            raise RecipeError(f"kv rank {self.rank} must be a fraction in (0, 1]")
+        if self.quant_bits is not None and self.quant_bits not in (2, 4, 8):
+            raise RecipeError(f"kv quant_bits {self.quant_bits} must be 2, 4 or 8")
+        if self.sink_tokens < 0:
+            raise RecipeError(f"kv sink_tokens ({self.sink_tokens}) must be >= 0")
+        if self.window < 1 or self.train_steps < 0:
+            raise RecipeError(f"kv window ({self.window}) must be >= 1 and train_steps ({self.train_steps}) >= 0")
+        if self.budget_frac is not None and not 0.0 < self.budget_frac <= 1.0:
+            raise RecipeError(f"kv budget_frac {self.budget_frac} must be a fraction in (0, 1]")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -113,19 +127,6 @@ class Recipe:
             raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'first_order' or 'fisher'")
         if self.quantizer not in ("rtn", "gptq"):
             raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
-        if self.kv is not None:
-            if self.kv.method not in ("svd", "asvd"):
-                raise RecipeError(f"unknown kv method {self.kv.method!r}; use 'svd' or 'asvd'")
-            if not 0.0 < self.kv.rank <= 1.0:
-                raise RecipeError(f"kv rank {self.kv.rank} must be a fraction in (0, 1]")
-            if self.kv.quant_bits is not None and self.kv.quant_bits not in (2, 4, 8):
-                raise RecipeError(f"kv quant_bits {self.kv.quant_bits} must be 2, 4 or 8")
-            if self.kv.sink_tokens < 0:
-                raise RecipeError(f"kv sink_tokens ({self.kv.sink_tokens}) must be >= 0")
-            if self.kv.window < 1 or self.kv.train_steps < 0:
-                raise RecipeError(f"kv window ({self.kv.window}) must be >= 1 and train_steps ({self.kv.train_steps}) >= 0")
-            if self.kv.budget_frac is not None and not 0.0 < self.kv.budget_frac <= 1.0:
-                raise RecipeError(f"kv budget_frac {self.kv.budget_frac} must be a fraction in (0, 1]")
         for pin in self.pins:
             if pin.min_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")

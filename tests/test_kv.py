@@ -8,7 +8,7 @@ import torch
 import mqc
 import mqc.runtime.kv  # registers the attention until mqc.runtime imports it
 from mqc import quant
-from mqc.errors import InfeasibleBudgetError, RecipeError, UnsupportedModelError
+from mqc.errors import DataError, InfeasibleBudgetError, RecipeError, UnsupportedModelError
 from mqc.passes import keys
 from mqc.passes.kv_lowrank import Factorization, attention_output_errors, balance, relative_error, train_factors
 from mqc.report import build_report, summary_lines
@@ -152,6 +152,14 @@ def test_sink_tokens_reach_the_cache_and_the_report():
     assert any(line.startswith("KV cache at 4,096 tokens") for line in lines)
     with pytest.raises(RecipeError, match="sink_tokens"):
         mqc.Recipe(kv=mqc.KVRecipe(sink_tokens=-1))
+
+
+def test_training_or_budget_draws_calibration_even_for_plain_svd():
+    for kv in (mqc.KVRecipe(method="svd", train_steps=2), mqc.KVRecipe(method="svd", budget_frac=0.5)):
+        assert mqc.api.needs_calibration(mqc.Recipe(bits=16, kv=kv))
+        with pytest.raises(DataError, match="needs calibration data"):
+            mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(bits=16, kv=kv), progress=False)
+    assert not mqc.api.needs_calibration(mqc.Recipe(bits=16, kv=mqc.KVRecipe(method="svd")))
 
 
 def test_accounting_counts_stored_bytes(low_rank_4bit):

@@ -308,6 +308,14 @@ def train_factors(
 # --------------------------------------------------------------------------------------------
 # the pass
 # --------------------------------------------------------------------------------------------
+def required_results(kv: KVRecipe, inputs_given: bool = False) -> tuple[str, ...]:
+    """Context results the pass reads for ``kv`` beyond the graph: activation statistics for
+    activation-aware SVD, calibration ids to train factors (unless their inputs are given) and
+    to price ranks under a budget."""
+    calib = (kv.train_steps and not inputs_given) or kv.budget_frac is not None
+    return ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if calib else ())
+
+
 class KVLowRank(Pass):
     """Rewrite every layer's K/V projections into exact + low-rank branches and install the cache.
 
@@ -328,21 +336,13 @@ class KVLowRank(Pass):
         them from ``ctx[CALIB]`` each time."""
         self.kv, self.inputs = kv, inputs
         if kv is not None:
-            calib = (kv.train_steps and inputs is None) or kv.budget_frac is not None
-            extra = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if calib else ())
-            self.requires = type(self).requires + extra
+            self.requires = type(self).requires + required_results(kv, inputs is not None)
 
     def _recipe(self, ctx: CompileContext) -> KVRecipe:
         kv = self.kv or ctx.recipe.kv
         if kv is None:
             raise RecipeError("the kv_lowrank pass needs KV settings: set recipe.kv (e.g. --kv-rank 0.5)")
-        if kv.budget_frac is not None and not 0.0 < kv.budget_frac <= 1.0:
-            raise RecipeError(f"kv budget_frac {kv.budget_frac} must be a fraction in (0, 1]")
-        if kv.window < 1 or kv.train_steps < 0:
-            raise RecipeError(f"kv window ({kv.window}) must be >= 1 and train_steps ({kv.train_steps}) >= 0")
-        calib = (kv.train_steps and self.inputs is None) or kv.budget_frac is not None
-        needed = ((keys.ACT_STATS,) if kv.method == "asvd" else ()) + ((keys.CALIB,) if calib else ())
-        for key in needed:
+        for key in required_results(kv, self.inputs is not None):
             if key not in ctx:
                 raise PassContractError(f"pass {self.name} needs {key!r} (kv method {kv.method!r}, training or budget)")
         return kv
