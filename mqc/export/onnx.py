@@ -316,7 +316,10 @@ class OnnxLM:
         self.state_inputs = [i for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
         shareable = bool(self.config.get("search", {}).get("past_present_share_buffer")) and chosen[0].startswith("CPU")
         if share_buffer and not shareable:
-            raise MqcError(f"{self.root} cannot share cache buffers (needs GroupQueryAttention on the CPU provider)")
+            raise MqcError(
+                f"{self.root} cannot share cache buffers (needs GroupQueryAttention on the CPU provider); "
+                "leave share_buffer unset"
+            )
         self.share_buffer = shareable if share_buffer is None else share_buffer
         self._buffers: dict[str, np.ndarray] = {}  # shared mode: the cache, [B, kv_heads, capacity, d]
         self._binding = None  # shared mode: the I/O binding of the current buffers
