@@ -36,14 +36,26 @@ class CompiledModel:
 
 # Results that depend only on the full-precision model, the calibration ids and the recipe fields
 # that :func:`_analysis_fields` keeps: another budget can reuse them.
-REUSABLE = (keys.UNITS, keys.CALIB, keys.ACT_STATS, keys.SENSITIVITY)
+REUSABLE = (
+    keys.UNITS,
+    keys.MODEL_SIZE,
+    keys.CALIB,
+    keys.ACT_STATS,
+    keys.HESSIANS,
+    keys.SENSITIVITY,
+    keys.CANDIDATES,
+    keys.OUTPUT_FISHER,
+    keys.COSTS,
+)
 
 
 def _analysis_fields(recipe: Recipe) -> Recipe:
-    """``recipe`` with the fields that only steer allocation and lowering set to defaults."""
-    return dataclasses.replace(
-        recipe, bits=4.0, budget_bytes=None, budget_frac=None, pins=(), sensitivity="first_order", quantizer="rtn"
-    )
+    """``recipe`` with the fields that only steer allocation, search and lowering set to defaults."""
+    fixed = {"bits": 4.0, "budget_bytes": None, "budget_frac": None, "size": None, "pins": ()}
+    fixed |= {"search": "evo", "search_generations": 0}
+    if recipe.sensitivity != "kl":  # RTN-delta sensitivities: both variants come out of one pass
+        fixed |= {"sensitivity": "first_order", "quantizer": "rtn"}
+    return dataclasses.replace(recipe, **fixed)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -51,6 +63,20 @@ def needs_calibration(recipe: Recipe) -> bool:
 
     kv_reads = recipe.kv is not None and bool(required_results(recipe.kv))  # activation stats need calibration too
     return recipe.method == "mq" or recipe.outlier_frac > 0 or recipe.uses_gptq or kv_reads
+
+
+def _measured_kl_pipeline(recipe: Recipe) -> list[Pass]:
+    """mq with predicted-KL costs: candidates as deployed, exact knapsack, measured-KL search."""
+    from mqc.passes.act_stats import ActivationStats
+    from mqc.passes.bit_alloc import AllocateBits
+    from mqc.passes.candidates import Candidates, LowerCandidates
+    from mqc.passes.kl_cost import OutputFisher, PredictedKL
+    from mqc.passes.search import EvoSearch
+
+    search = recipe.search == "evo" and recipe.search_generations > 0
+    passes: list[Pass] = [ActivationStats(hessians=recipe.uses_gptq), Candidates(gptq=recipe.uses_gptq)]
+    passes += [OutputFisher(), PredictedKL(), AllocateBits(final=not search), LowerCandidates()]
+    return passes + ([EvoSearch()] if search else [])
 
 
 def default_pipeline(recipe: Recipe) -> list[Pass]:
@@ -61,18 +87,22 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
     from mqc.passes.uniform import UniformPlan
     from mqc.passes.units import SelectUnits
 
-    calibrated = needs_calibration(recipe)
-    lower = SequentialGPTQ() if recipe.uses_gptq else QuantizeModules()
-    passes: list[Pass] = [SelectUnits(), SelectOutliers(weighted=calibrated), lower]
-    if calibrated:
-        passes.append(ActivationStats())
-    if recipe.method == "mq":
-        from mqc.passes.bit_alloc import AllocateBits
-        from mqc.passes.sensitivity import Sensitivity
-
-        passes += [Sensitivity(), AllocateBits()]
+    passes: list[Pass] = [SelectUnits()]
+    if recipe.method == "mq" and recipe.sensitivity == "kl":
+        passes += _measured_kl_pipeline(recipe)
     else:
-        passes.append(UniformPlan())
+        calibrated = needs_calibration(recipe)
+        lower = SequentialGPTQ() if recipe.uses_gptq else QuantizeModules()
+        passes += [SelectOutliers(weighted=calibrated), lower]
+        if calibrated:
+            passes.append(ActivationStats())
+        if recipe.method == "mq":
+            from mqc.passes.bit_alloc import AllocateBits
+            from mqc.passes.sensitivity import Sensitivity
+
+            passes += [Sensitivity(), AllocateBits()]
+        else:
+            passes.append(UniformPlan())
     if recipe.kv is not None:
         from mqc.passes.kv_lowrank import KVLowRank
 
@@ -83,6 +113,14 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
 
     passes.append(FuseSiblings(rewrite=False, after=(keys.KV_REWRITTEN,) if recipe.kv is not None else ()))
     return passes
+
+
+def _run_missing(pipeline: list[Pass], ctx: CompileContext, only: set[str] | None = None) -> None:
+    """Run the passes whose products the context lacks (all, or those producing ``only``)."""
+    todo = [p for p in pipeline if not p.produces or not set(p.produces) <= set(ctx.results)]
+    if only is not None:
+        todo = [p for p in todo if set(p.produces) & only]
+    PassManager(todo).run(ctx)
 
 
 def compile(
@@ -131,7 +169,12 @@ def compile(
         ctx.results[keys.CALIB] = calib
     ctx.results.update(reused)
     pipeline = passes if passes is not None else default_pipeline(recipe)
-    PassManager([p for p in pipeline if not p.produces or not set(p.produces) <= set(reused)]).run(ctx)
+    if recipe.method == "mq":  # an impossible size is known from the shapes: refuse it before any analysis
+        from mqc.passes.bit_alloc import check_budget
+
+        _run_missing(pipeline, ctx, {keys.UNITS, keys.MODEL_SIZE})
+        check_budget(recipe, ctx[keys.UNITS], ctx[keys.MODEL_SIZE])
+    _run_missing(pipeline, ctx)
     stats = {"compile_seconds": time.perf_counter() - start, "pass_seconds": dict(ctx.timings)}
     if recipe.kv is not None:  # what the cache costs, per token and for a long context
         from mqc.runtime.kv import REPORT_CONTEXT, kv_accounting

@@ -44,6 +44,8 @@ _RECIPE_FLAGS = {
     "skip": "skip",
     "outliers": "outlier_frac",
     "sensitivity": "sensitivity",
+    "search": "search",
+    "search_generations": "search_generations",
 }
 _CALIB_FLAGS = {"calib_file": "file", "calib_samples": "n_samples", "calib_seq_len": "seq_len", "seed": "seed"}
 _KV_FLAGS = {
@@ -57,10 +59,14 @@ _KV_FLAGS = {
 }
 
 
-def recipe_from_args(args: argparse.Namespace):
+def recipe_from_args(args: argparse.Namespace, size: str | None = None):
+    """The recipe file (if any) overridden by the flags given; ``size`` is one entry of --size."""
     from mqc.recipe import Recipe
 
     data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
+    if size is not None:
+        data["size"] = size
+        data.setdefault("method", "mq")  # a size budget is what mq allocates; --method rtn is refused by the recipe
     for flag, key in _RECIPE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -92,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     c.add_argument("--recipe", help="YAML recipe file; flags given explicitly override it")
     c.add_argument("--method", choices=["rtn", "mq"])
-    c.add_argument("--bits", type=float, help="rtn: the width; mq: average bits/weight budget, all overheads counted")
+    c.add_argument(
+        "--size",
+        help="mq: whole-model size budget, every byte of every tensor: '70MB', '64MiB' or '3.5bpw'; "
+        "a comma list ('3bpw,3.5bpw,4bpw') writes one artifact per size under --out, sharing one analysis",
+    )
+    c.add_argument("--bits", type=float, help="rtn: the width; mq: average bits/weight over the quantized tensors")
     c.add_argument("--group-size", type=int, choices=[32, 64, 128])
     c.add_argument("--budget-bytes", type=int, help="mq: budget in bytes for all quantized tensors")
     c.add_argument("--budget-frac", type=float, help="mq: budget as a fraction of the fp16 size")
@@ -100,14 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allowed-group-sizes", type=_parse_bits_list,
                    help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
     c.add_argument(
-        "--quantizer", choices=["rtn", "gptq"], help="lowering: round-to-nearest (default) or sequential GPTQ"
+        "--quantizer", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default: gptq for mq, rtn for uniform)"
     )
     c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
     c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip
     c.add_argument("--skip", action="append", help="fnmatch pattern of layers to keep in fp16, repeatable")
     c.add_argument("--outliers", type=float, help="fraction of weights kept as fp16 sparse outliers (0 disables)")
-    c.add_argument("--sensitivity", choices=["first_order", "fisher"])
+    c.add_argument(
+        "--sensitivity",
+        choices=["kl", "first_order", "fisher"],
+        help="mq costs: predicted KL to the full-precision model (default) or LLM-MQ's RTN-delta scores",
+    )
+    c.add_argument("--search", choices=["evo", "none"], help="mq: refine the knapsack plan on measured KL (default evo)")
+    c.add_argument("--search-generations", type=int, help="mq: generations of the measured-KL search (default 10)")
     c.add_argument("--calib-file", help="calibrate on this text file instead of the Brown calibration split")
     c.add_argument("--calib-samples", type=int)
     c.add_argument("--calib-seq-len", type=int)
@@ -176,43 +193,63 @@ def _evaluate(model, tokenizer, args) -> tuple[float, int]:
     return ppl, min(ids.numel(), args.eval_tokens)
 
 
-def cmd_compile(args) -> int:
-    import mqc
-    from mqc.report import build_report, layer_table, summary_lines, write_reports
-
-    recipe = recipe_from_args(args)
+def _compile_targets(args) -> list[tuple[Any, Path]]:
+    """(recipe, artifact dir) per requested size: --out itself, or one subdirectory per size."""
+    sizes = [t.strip() for t in args.size.split(",")] if args.size else [None]
+    if len(sizes) != len(set(sizes)):
+        raise MqcError(f"--size {args.size!r} names a size twice")
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise mqc.errors.ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if len(sizes) == 1:
+        return [(recipe_from_args(args, sizes[0]), out)]
+    return [(recipe_from_args(args, size), out / f"mq-{size}") for size in sizes]
+
+
+def cmd_compile(args) -> int:
+    import copy
+
+    import mqc
+    from mqc.data import check_text_file
+    from mqc.report import build_report, layer_table, summary_lines, write_reports
+    from mqc.size import parse_size
+
+    targets = _compile_targets(args)
+    for _, out in targets:
+        if out.exists() and not args.force:
+            raise mqc.errors.ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    for path in (args.calib_file, args.eval_file):
+        if path:
+            check_text_file(path)
     model, tokenizer = mqc.load_hf_model(args.model)
-    evaluation = None
+    if len(targets) > 1:  # smallest first: an impossible size is refused before any analysis
+        n_params = sum(p.numel() for p in model.parameters())
+        targets.sort(key=lambda t: parse_size(t[0].size).to_bytes(n_params))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    ppl_ref = tokens = None
     if args.eval:
         ppl_ref, tokens = _evaluate(model, tokenizer, args)
-    compiled = mqc.compile(model, recipe, tokenizer=tokenizer)
-    mqc.save(compiled, out, force=args.force)
-    if args.eval:
-        ppl, _ = _evaluate(model, tokenizer, args)
-        text = args.eval_file or "Brown eval split"
-        evaluation = {
-            "ppl_reference": ppl_ref,
-            "ppl_compiled": ppl,
-            "tokens": tokens,
-            "context": args.context,
-            "text": text,
-        }
-    report = build_report(compiled, evaluation)
-    report["artifact"] = {"path": str(out), "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir())}
-    write_reports(report, out)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
+    first = None
+    for recipe, out in targets:
+        target_model = copy.deepcopy(model) if len(targets) > 1 else model
+        compiled = mqc.compile(target_model, recipe, tokenizer=tokenizer, reuse=first)
+        first = first or compiled
+        mqc.save(compiled, out, force=args.force)
+        evaluation = None
+        if args.eval:
+            ppl, _ = _evaluate(target_model, tokenizer, args)
+            text = args.eval_file or "Brown eval split"
+            evaluation = {"ppl_reference": ppl_ref, "ppl_compiled": ppl, "tokens": tokens, "context": args.context, "text": text}
+        report = build_report(compiled, evaluation)
+        report["artifact"] = {"path": str(out), "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir())}
+        write_reports(report, out)
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            continue
         print(layer_table(report["layers"]))
         print()
         for line in summary_lines(report):
             print(line)
-        print(
-            f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md"
-        )
+        print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
+        print()
     return 0
 
 

@@ -18,13 +18,14 @@ import yaml
 
 from mqc.errors import RecipeError
 from mqc.quant import GROUP_SIZES, QUANT_BITS, SUPPORTED_BITS
+from mqc.size import parse_size
 
 
 @dataclass(frozen=True)
 class CalibRecipe:
     """Calibration data: random windows of the calibration split (or of ``file``)."""
 
-    n_samples: int = 128
+    n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
     file: str | None = None
@@ -73,12 +74,17 @@ class KVRecipe:
 class Recipe:
     """What to compile.
 
-    ``method="rtn"``: every selected layer at ``bits`` (an integer width).
-    ``method="mq"``: per-layer widths from ``allowed_bits`` minimising total sensitivity under a
-    budget given by ``bits`` (average bits per weight, all overheads counted), ``budget_bytes`` or
-    ``budget_frac`` (of the fp16 size); at most one of the last two may be set. With
-    ``allowed_group_sizes`` the allocator also picks each layer's group size: at K=576 (the
-    default model) g64 needs no padding and is both smaller and more accurate than g128.
+    ``method="rtn"``: every selected layer at ``bits`` (an integer width): the uniform baseline.
+    ``method="mq"``: per-layer widths and group sizes under a budget, given as a whole-model
+    ``size`` (``"70MB"``, ``"3.5bpw"``: every byte of every tensor, see :mod:`mqc.size`), or over
+    the quantized tensors only as ``bits`` (average bits per weight), ``budget_bytes`` or
+    ``budget_frac`` (of their fp16 size); at most one of the last three with ``size``.
+
+    mq defaults are the configuration measured best on the default model
+    (``benchmarks/README.md``): act-order GPTQ candidates at 2/3/4/8 bits x groups of 32/64/128
+    or fp16, costs that predict the KL divergence to the full-precision model
+    (``sensitivity="kl"``), the exact knapsack, then a search on measured KL (``search="evo"``).
+    ``quantizer=None`` means GPTQ for mq and round-to-nearest for rtn.
     """
 
     method: str = "rtn"
@@ -87,13 +93,16 @@ class Recipe:
     budget_bytes: int | None = None
     budget_frac: float | None = None
     allowed_bits: tuple[int, ...] = SUPPORTED_BITS
-    allowed_group_sizes: tuple[int, ...] = ()  # mq: group sizes to choose from; () means (group_size,)
+    allowed_group_sizes: tuple[int, ...] = ()  # group sizes to choose from; (): all for mq, group_size for rtn
     pins: tuple[Pin, ...] = ()
     quantize_embeddings: bool | None = None  # None: False for rtn, True for mq
     skip: tuple[str, ...] = ()
     outlier_frac: float = 0.0
-    sensitivity: str = "first_order"  # "first_order" | "fisher"
-    quantizer: str = "rtn"  # "rtn" | "gptq" (sequential GPTQ lowering, opt-in)
+    sensitivity: str = "kl"  # "kl" (predicted KL) | "first_order" | "fisher" (LLM-MQ, RTN deltas)
+    quantizer: str | None = None  # "rtn" | "gptq"; None: gptq for mq, rtn for the uniform method
+    size: str | None = None  # whole-model size budget for mq: "70MB", "64MiB", "3.5bpw"
+    search: str = "evo"  # mq: "evo" refines the knapsack plan on measured KL; "none" keeps it
+    search_generations: int = 10
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
 
@@ -115,21 +124,34 @@ class Recipe:
         bad_g = [g for g in self.allowed_group_sizes if g not in GROUP_SIZES]
         if bad_g:
             raise RecipeError(f"allowed_group_sizes {self.allowed_group_sizes} must be a subset of {GROUP_SIZES}")
-        if self.budget_bytes is not None and self.budget_frac is not None:
-            raise RecipeError("give at most one of budget_bytes and budget_frac")
+        if sum(x is not None for x in (self.budget_bytes, self.budget_frac, self.size)) > 1:
+            raise RecipeError("give at most one of size, budget_bytes and budget_frac")
+        if self.size is not None:
+            parse_size(self.size)
+            if self.method != "mq":
+                raise RecipeError(f"size {self.size!r} needs --method mq; a uniform width has one size per --bits")
+        if self.search not in ("evo", "none"):
+            raise RecipeError(f"unknown search {self.search!r}; use 'evo' or 'none'")
+        if self.search_generations < 0:
+            raise RecipeError(f"search_generations {self.search_generations} must be >= 0")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise RecipeError(f"budget_bytes {self.budget_bytes} must be positive")
         if self.budget_frac is not None and not 0.0 < self.budget_frac <= 1.0:
             raise RecipeError(f"budget_frac {self.budget_frac} must be a fraction of the fp16 size in (0, 1]")
         if not 0.0 <= self.outlier_frac < 0.5:
             raise RecipeError(f"outlier_frac {self.outlier_frac} must be in [0, 0.5)")
-        if self.sensitivity not in ("first_order", "fisher"):
-            raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'first_order' or 'fisher'")
-        if self.quantizer not in ("rtn", "gptq"):
+        if self.sensitivity not in ("kl", "first_order", "fisher"):
+            raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'kl', 'first_order' or 'fisher'")
+        if self.quantizer not in (None, "rtn", "gptq"):
             raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
         for pin in self.pins:
             if pin.min_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")
+            if pin.min_bits > max(self.allowed_bits):
+                raise RecipeError(
+                    f"pin {pin.pattern!r} asks for at least {pin.min_bits} bits but the widest allowed width is "
+                    f"{max(self.allowed_bits)}; allow a wider width or lower the pin"
+                )
 
     @property
     def embeddings_included(self) -> bool:
@@ -139,12 +161,13 @@ class Recipe:
 
     @property
     def uses_gptq(self) -> bool:
-        return self.quantizer == "gptq"
+        return (self.quantizer or ("gptq" if self.method == "mq" else "rtn")) == "gptq"
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
-        """Group sizes a plan may use (the allocator's choice set for mq)."""
-        return tuple(sorted(set(self.allowed_group_sizes))) or (self.group_size,)
+        """Group sizes a plan may use (the allocator's choice set for mq: all of them by default)."""
+        default = GROUP_SIZES if self.method == "mq" else (self.group_size,)
+        return tuple(sorted(set(self.allowed_group_sizes))) or default
 
     @property
     def quant_bits(self) -> tuple[int, ...]:

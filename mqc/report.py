@@ -18,6 +18,7 @@ import torch
 
 from mqc import __version__, quant
 from mqc.passes import keys
+from mqc.passes.units import choice_label
 
 
 def peak_rss_mib() -> float:
@@ -58,9 +59,32 @@ def build_report(compiled, evaluation: dict[str, Any] | None = None) -> dict[str
             "budget_bits": allocation.budget_bits,
             "used_bits": allocation.used_bits,
         }
-    table = ctx.results.get(keys.SENSITIVITY)
-    if table is not None:
-        report["sensitivity"] = table.to_dict()
+    size = ctx.results.get(keys.MODEL_SIZE)
+    if size is not None:
+        plan_bytes = report["totals"]["bytes"]
+        report["size"] = {
+            "params": size.n_params,
+            "fixed_bytes": size.fixed_bytes,
+            "plan_bytes": plan_bytes,
+            "total_bytes": size.total_bytes(plan_bytes),
+            "bpw": size.bpw(plan_bytes),
+        }
+        if allocation is not None:
+            report["size"]["budget_bytes"] = size.total_bytes(allocation.budget_bytes)
+            report["size"]["budget_bpw"] = size.bpw(allocation.budget_bytes)
+    report["stages"] = {
+        name: {"seconds": seconds, "peak_rss_mib": ctx.peak_rss_mib.get(name)} for name, seconds in ctx.timings.items()
+    }
+    costs = ctx.results.get(keys.COSTS)
+    if costs is not None:
+        report["costs"] = {
+            "kind": costs.kind,
+            "predicted": costs.plan_cost(compiled.plan),
+            "per_unit": {u: {choice_label(c): v for c, v in per.items()} for u, per in costs.costs.items()},
+        }
+    search = ctx.results.get(keys.SEARCH)
+    if search is not None:
+        report["search"] = vars(search)
     for key in ("kv", "fusion"):
         if key in compiled.stats:
             report[key] = compiled.stats[key]
@@ -103,21 +127,42 @@ def layer_table(plan_rows: list[dict[str, Any]]) -> str:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     t = report["totals"]
-    lines = [
-        f"quantized {t['layers']} tensors, {t['weights']:,} weights: {t['bytes'] / 2**20:.2f} MiB "
-        f"({t['average_bits']:.3f} bits/weight, {t['compression_vs_fp16']:.2f}x smaller than fp16)",
-    ]
+    lines = []
+    if "size" in report:
+        z = report["size"]
+        budget = f", budget {z['budget_bpw']:.3f} bpw ({z['budget_bytes'] / 1e6:.2f} MB)" if "budget_bpw" in z else ""
+        lines.append(
+            f"whole model: {z['total_bytes'] / 1e6:.2f} MB, {z['bpw']:.3f} bits/weight over {z['params']:,} parameters "
+            f"(every tensor: {z['plan_bytes'] / 1e6:.2f} MB planned + {z['fixed_bytes'] / 1e6:.2f} MB kept in fp16){budget}"
+        )
+    lines.append(
+        f"planned {t['layers']} tensors, {t['weights']:,} weights: {t['bytes'] / 2**20:.2f} MiB "
+        f"({t['average_bits']:.3f} bits/weight, {t['compression_vs_fp16']:.2f}x smaller than fp16)"
+    )
     if "allocation" in report:
         a = report["allocation"]
         lines.append(
             f"budget {a['budget_bits']:.3f} bits ({a['budget_bytes']:,} B), used {a['used_bits']:.3f} bits, "
             f"slack {a['slack_bytes']:,} B, objective {a['objective']:.4g} ({a['status']})"
         )
+    if "search" in report:
+        r = report["search"]
+        lines.append(
+            f"search: measured KL {r['start_kl']:.4f} (knapsack plan) -> {r['final_kl']:.4f} in {r['generations']} "
+            f"generations, {r['accepted']} accepted, {r['evaluations']} evaluations, {r['seconds']:.0f} s"
+        )
     if report.get("kv"):
         from mqc.runtime.kv import kv_summary_lines
 
         lines += kv_summary_lines(report["kv"])
     lines.append(f"compile time {report['timings']['compile_seconds']:.1f} s, peak memory {report['peak_rss_mib']:.0f} MiB")
+    stages = [
+        f"{n} {v['seconds']:.0f} s" + (f" ({v['peak_rss_mib']:.0f} MiB)" if v["peak_rss_mib"] else "")
+        for n, v in report.get("stages", {}).items()
+        if v["seconds"] >= 0.5
+    ]
+    if stages:
+        lines.append("stages (time, process peak memory after it): " + ", ".join(stages))
     ev = report.get("evaluation")
     if ev:
         lines.append(
@@ -146,35 +191,42 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Per-layer widths and, when measured, each layer's sensitivity curve over widths."""
+    """Per-layer widths; each layer's cost curve over widths (best group size per width); the
+    search's measured KL per generation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["layers"]
-    sens = report.get("sensitivity")
-    fig, axes = plt.subplots(1, 2 if sens else 1, figsize=(14 if sens else 9, 4.5), squeeze=False)
+    costs, search = report.get("costs"), report.get("search")
+    panels = 1 + bool(costs) + bool(search)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 4.5), squeeze=False)
     ax = axes[0][0]
     ax.bar(range(len(rows)), [r["bits"] for r in rows], color="tab:blue")
     ax.set_xlabel("layer (execution order)")
     ax.set_ylabel("bits")
-    ax.set_title(f"per-layer width, {report['totals']['average_bits']:.3f} avg bits")
-    if sens:
+    whole = f"{report['size']['bpw']:.3f} bpw whole model" if "size" in report else ""
+    ax.set_title(f"per-layer width ({report['totals']['average_bits']:.3f} avg bits planned; {whole})")
+    if costs:
         ax = axes[0][1]
-        variant = report["recipe"]["sensitivity"]
-        group = f"g{report['recipe']['group_size']}"
-        for name, entry in sens["scores"].items():
-            curve = sorted(
-                (int(label.split("/")[0]), v)
-                for label, v in entry[variant].items()
-                if "/" not in label or label.endswith("/" + group)
-            )
+        for entry in costs["per_unit"].values():
+            best: dict[int, float] = {}
+            for label, value in entry.items():
+                bits = int(label.split("/")[0])
+                best[bits] = min(best.get(bits, float("inf")), value)
+            curve = sorted(best.items())
             ax.plot([b for b, _ in curve], [max(v, 1e-12) for _, v in curve], alpha=0.35, lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("bits")
-        ax.set_ylabel(f"{variant} sensitivity")
-        ax.set_title("sensitivity curves (one line per layer)")
+        ax.set_ylabel(f"cost ({costs['kind']})")
+        ax.set_title("cost curves, one line per layer (best group size per width)")
+    if search:
+        ax = axes[0][panels - 1]
+        ax.plot(range(len(search["trace"]) + 1), [search["start_kl"]] + search["trace"], "o-", ms=3)
+        ax.set_xlabel("generation")
+        ax.set_ylabel("measured KL to full precision (nats/token)")
+        ax.set_title("search")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)

@@ -87,3 +87,19 @@ def word_tokenizer():
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>")
+
+
+def sharp_tiny_llama() -> torch.nn.Module:
+    """A tiny llama whose matrices are scaled up: layers matter and the output distribution is sharp
+    (the random init's is nearly uniform, where every quantization error is a rounding error of KL)."""
+    model = mqc.tiny_model("llama")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def sharp_model():
+    return sharp_tiny_llama

@@ -63,7 +63,8 @@ def calib():
 def test_plan_fits_budget_on_disk(tmp_path_factory, calib, bits, outliers, allowed, groups):
     model = mqc.tiny_model("llama")
     recipe = mqc.Recipe(method="mq", bits=bits, group_size=32, outlier_frac=outliers, allowed_bits=allowed,
-                        allowed_group_sizes=groups, pins=(mqc.Pin("*down_proj", 4),))  # fmt: skip
+                        allowed_group_sizes=groups or (32,), pins=(mqc.Pin("*down_proj", 4),),
+                        search_generations=2)  # fmt: skip
     try:
         compiled = mqc.compile(model, recipe, calib=calib, progress=False)
     except InfeasibleBudgetError as exc:
@@ -93,32 +94,40 @@ def test_tied_embedding_counted_once(calib):
     assert model.model.embed_tokens.table is model.lm_head
 
 
-def test_infeasible_budget_names_minimum(calib):
-    with pytest.raises(InfeasibleBudgetError, match=r"needs \d+\.\d+ bits"):
-        mqc.compile(
-            mqc.tiny_model("llama"), mqc.Recipe(method="mq", bits=1.0, group_size=32), calib=calib, progress=False
-        )
+@pytest.mark.parametrize("budget", [{"bits": 1.0}, {"size": "1.5bpw"}, {"size": "10kB"}])
+def test_infeasible_budget_refused_before_analysis(calib, monkeypatch, budget):
+    from mqc.passes.act_stats import ActivationStats
+
+    def analysis(*args):
+        raise AssertionError("analysis ran before the infeasible budget was refused")
+
+    monkeypatch.setattr(ActivationStats, "run", analysis)
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest plan allowed by the recipe makes \d+\.\d+ bpw"):
+        mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(method="mq", **budget), calib=calib, progress=False)
 
 
 def test_budget_frac_and_bytes_agree(calib):
-    from mqc.passes.bit_alloc import budget_bytes
+    from mqc.passes.bit_alloc import unit_budget
 
     model = mqc.tiny_model("llama")
-    a = mqc.compile(model, mqc.Recipe(method="mq", budget_frac=0.3, group_size=32), calib=calib, progress=False)
+    recipe = mqc.Recipe(method="mq", budget_frac=0.3, group_size=32, search="none")
+    a = mqc.compile(model, recipe, calib=calib, progress=False)
     fp16 = sum(p.n_weights * 2 for p in a.plan.values())
     assert a.context[keys.ALLOCATION].budget_bytes == int(0.3 * fp16)
-    units = a.context[keys.UNITS]
-    assert budget_bytes(mqc.Recipe(method="mq", budget_bytes=12345), units) == 12345
+    units, size = a.context[keys.UNITS], a.context[keys.MODEL_SIZE]
+    assert unit_budget(mqc.Recipe(method="mq", budget_bytes=12345), units, size) == 12345
+    whole = unit_budget(mqc.Recipe(method="mq", size="60kB"), units, size)
+    assert whole == 60_000 - size.fixed_bytes
 
 
 def test_reuse_skips_analysis_and_plans_the_same(calib):
     """A budget sweep that reuses one compile's analysis gets the plans of separate compiles."""
-    recipe = mqc.Recipe(method="mq", bits=4.0, group_size=32, outlier_frac=0.01)
+    recipe = mqc.Recipe(method="mq", size="4bpw", allowed_group_sizes=(32,), outlier_frac=0.01, search_generations=3)
     first = mqc.compile(mqc.tiny_model("llama"), recipe, calib=calib, progress=False)
-    tighter = dataclasses.replace(recipe, bits=3.5, sensitivity="fisher")
+    tighter = dataclasses.replace(recipe, size="3.5bpw", pins=(mqc.Pin("*v_proj", 4),))
     fresh = mqc.compile(mqc.tiny_model("llama"), tighter, calib=calib, progress=False)
     reused = mqc.compile(mqc.tiny_model("llama"), tighter, reuse=first, progress=False)
-    assert "sensitivity" not in reused.stats["pass_seconds"] and "sensitivity" in fresh.stats["pass_seconds"]
+    assert "candidates" not in reused.stats["pass_seconds"] and "candidates" in fresh.stats["pass_seconds"]
     assert {n: (p.bits, p.group_size) for n, p in reused.plan.items()} == {
         n: (p.bits, p.group_size) for n, p in fresh.plan.items()
     }

@@ -67,7 +67,7 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
 def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
     model_dir, text = tiny_dir
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: mq\nbits: 4.5\ngroup_size: 32\noutlier_frac: 0.01\ncalib: {n_samples: 4, seq_len: 32}\n")
+    recipe.write_text("method: mq\nbits: 4.5\ngroup_size: 32\noutlier_frac: 0.01\nsearch_generations: 3\ncalib: {n_samples: 4, seq_len: 32}\n")
     out = tmp_path / "mq"
     assert main(["compile", str(model_dir), "--recipe", str(recipe), "--calib-file", str(text), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -81,12 +81,42 @@ def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
         (["inspect", "/nonexistent/art"], "not found"),
         (["compile", "--method", "rtn", "--bits", "2.5", "--out", "x"], "rtn needs one width"),
         (["eval", "/tmp"], "no config.json"),
+        (["compile", "--method", "mq", "--size", "3.5 bits", "--out", "x"], "size '3.5 bits' not understood"),
+        (["compile", "--method", "rtn", "--size", "3.5bpw", "--out", "x"], "needs --method mq"),
+        (["compile", "--size", "3bpw,3bpw", "--out", "x"], "names a size twice"),
+        (["compile", "--size", "4bpw", "--allowed-bits", "2,4", "--pin", "lm_head=8", "--out", "x"], "asks for at least 8"),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_binary_calibration_file_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mqc, "load_hf_model", lambda *a: pytest.fail("loaded the model before checking the file"))
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"\x00\x01\xff" * 100)
+    assert main(["compile", "--size", "4bpw", "--calib-file", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_size_sweep_writes_one_artifact_per_size(tiny_dir, tmp_path, capsys):
+    model_dir, text = tiny_dir
+    out = tmp_path / "sweep"
+    argv = ["compile", str(model_dir), "--size", "5bpw,3.5bpw", "--allowed-group-sizes", "32", "--search-generations", "2",
+            "--calib-file", str(text), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "whole model:" in printed and "search: measured KL" in printed
+    reports = {p.name: json.loads((p / "report.json").read_text()) for p in out.iterdir()}
+    assert set(reports) == {"mq-5bpw", "mq-3.5bpw"}
+    for name, report in reports.items():
+        assert report["size"]["bpw"] <= float(name[3:-3]) and report["size"]["budget_bpw"] <= float(name[3:-3])
+    # the second size reused the first one's analysis: no candidates stage of its own
+    assert "candidates" in reports["mq-3.5bpw"]["stages"] and "candidates" not in reports["mq-5bpw"]["stages"]
+    assert main(["compile", str(model_dir), "--size", "1bpw", "--out", str(tmp_path / "tiny")]) == 2
+    assert "infeasible" in capsys.readouterr().err
 
 
 def test_unknown_recipe_key(tmp_path, capsys):

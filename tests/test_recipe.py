@@ -33,7 +33,7 @@ def test_nested_dataclasses_and_round_trip():
     assert recipe.pins == (Pin("*.down_proj", 4),)
     assert recipe.calib == CalibRecipe(n_samples=8, seq_len=64, seed=3)
     assert recipe.kv == KVRecipe(rank=0.25, method="svd", quant_bits=4)
-    assert recipe.embeddings_included and not recipe.uses_gptq  # GPTQ is opt-in for every method
+    assert recipe.embeddings_included and recipe.uses_gptq  # mq defaults to GPTQ candidates
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 

@@ -18,7 +18,8 @@ from mqc.passes.units import SelectUnits
 def analysed():
     model = mqc.tiny_model("llama", seed=1)
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    ctx = CompileContext(model, mqc.Recipe(method="mq", group_size=32, outlier_frac=0.01), progress=False)
+    recipe = mqc.Recipe(method="mq", group_size=32, allowed_group_sizes=(32,), outlier_frac=0.01, sensitivity="fisher")
+    ctx = CompileContext(model, recipe, progress=False)
     ctx.results[keys.GRAPH] = GraphView(capture(model), model)
     ctx.results[keys.CALIB] = calib
     PassManager([Sensitivity(), ActivationStats(), SelectUnits()]).run(ctx)  # manager orders them

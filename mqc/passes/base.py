@@ -9,6 +9,7 @@ requirements, which is how the tests exercise each one.
 
 from __future__ import annotations
 
+import resource
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class CompileContext:
     recipe: Recipe
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # process peak after each pass
     progress: bool = True
 
     def __getitem__(self, key: str) -> Any:
@@ -102,6 +104,7 @@ class PassManager:
             start = time.perf_counter()
             results[p.name] = p.run(ctx)
             ctx.timings[p.name] = time.perf_counter() - start
+            ctx.peak_rss_mib[p.name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             absent = [k for k in p.produces if k not in ctx]
             if absent:
                 raise PassContractError(f"pass {p.name} declared {absent[0]!r} but did not produce it")

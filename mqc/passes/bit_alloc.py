@@ -1,7 +1,8 @@
 """Exact bit allocation under a memory budget: a multiple-choice knapsack solved as a MILP.
 
 One binary ``x[l, c]`` per unit ``l`` and allowed width ``c``; ``sum_c x[l, c] = 1``;
-``sum bytes[l, c] * x[l, c] <= budget``; minimise ``sum sensitivity[l, c] * x[l, c]``. HiGHS
+``sum bytes[l, c] * x[l, c] <= budget``; minimise ``sum cost[l, c] * x[l, c]`` (``keys.COSTS``:
+predicted KL, or a first-order/Fisher sensitivity). HiGHS
 (scipy.optimize.milp) with a zero MIP gap returns a proven optimum, not a heuristic (exact up to
 HiGHS's feasibility tolerances, about 1e-6 of the largest cost: choices whose costs differ by
 less are ties to the solver). Bytes are
@@ -12,7 +13,7 @@ number the artifact is checked against, so a plan that fits here fits on disk.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -21,9 +22,9 @@ from mqc import quant
 from mqc.errors import InfeasibleBudgetError
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.passes.sensitivity import Choice, choices
-from mqc.passes.units import LayerPlan, WeightUnit, plan_entry
+from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choices, plan_entry
 from mqc.recipe import Recipe
+from mqc.size import ModelSize, parse_size
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ class AllocationReport:
     @property
     def used_bits(self) -> float:
         return quant.average_bits(self.used_bytes, self.n_weights)
+
+
+@dataclass
+class CostTable:
+    """``costs[unit][choice]``: the allocator's objective for giving ``unit`` that choice."""
+
+    kind: str  # "predicted_kl", "first_order", "fisher"
+    costs: dict[str, dict[Choice, float]] = field(default_factory=dict)
+
+    def plan_cost(self, plan: dict[str, LayerPlan]) -> float:
+        return sum(self.costs[name][choice_of(entry)] for name, entry in plan.items())
 
 
 def solve_mckp(costs: list[list[float]], sizes: list[list[int]], budget: int) -> tuple[list[int], float]:
@@ -80,8 +92,11 @@ def solve_mckp(costs: list[list[float]], sizes: list[list[int]], budget: int) ->
     return choices, objective
 
 
-def budget_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
-    """The recipe's budget in bytes: average bits, absolute bytes, or a fraction of fp16."""
+def unit_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -> int:
+    """The bytes the planned units may use: a whole-model ``size`` less what no unit replaces;
+    else average bits over the units, absolute unit bytes, or a fraction of their fp16 size."""
+    if recipe.size is not None:
+        return parse_size(recipe.size).to_bytes(size.n_params) - size.fixed_bytes
     if recipe.budget_bytes is not None:
         return int(recipe.budget_bytes)
     if recipe.budget_frac is not None:
@@ -93,42 +108,60 @@ def budget_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
 def allowed_choices(name: str, recipe: Recipe) -> list[Choice]:
     """The (bits, group size) options of a layer after its pins."""
     floor = max([p.min_bits for p in recipe.pins if fnmatch.fnmatchcase(name, p.pattern)], default=0)
-    options = choices(recipe)
-    return [c for c in options if c[0] >= floor] or [max(options, key=lambda c: c[0])]
+    return [c for c in choices(recipe) if c[0] >= floor]
+
+
+def smallest_plan_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
+    """Bytes of the smallest plan the recipe allows: known from the shapes alone, before any analysis."""
+    return sum(
+        min(plan_entry(u, b, g or recipe.group_size, recipe.outlier_frac).nbytes for b, g in allowed_choices(n, recipe))
+        for n, u in units.items()
+    )
+
+
+def check_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -> int:
+    """The units' budget in bytes, or an error naming the smallest feasible size."""
+    budget = unit_budget(recipe, units, size)
+    smallest = smallest_plan_bytes(recipe, units)
+    if smallest > budget:
+        n_weights = sum(u.n_weights for u in units.values())
+        whole = size.total_bytes(smallest)
+        raise InfeasibleBudgetError(
+            f"budget {size.bpw(budget):.3f} bits/weight for the whole model ({size.total_bytes(max(budget, 0)):,} bytes) "
+            f"is infeasible: the smallest plan allowed by the recipe makes {size.bpw(smallest):.3f} bpw ({whole:,} bytes, "
+            f"{quant.average_bits(smallest, n_weights):.3f} bits over the quantized tensors); "
+            "raise the size, allow lower widths or relax pins"
+        )
+    return budget
 
 
 class AllocateBits(Pass):
+    """The exact knapsack over the cost table. ``final=False``: its plan is a search's start."""
+
     name = "bit_alloc"
-    requires = (keys.UNITS, keys.SENSITIVITY)
+    requires = (keys.UNITS, keys.COSTS, keys.MODEL_SIZE)
     produces = (keys.BIT_PLAN, keys.ALLOCATION)
 
+    def __init__(self, final: bool = True):
+        if not final:
+            self.produces = (keys.START_PLAN, keys.ALLOCATION)
+
     def run(self, ctx: CompileContext) -> PassResult:
-        recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.SENSITIVITY]
-        with_outliers = recipe.outlier_frac > 0
+        recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.COSTS]
         names = list(units)
         options: list[list[LayerPlan]] = [
             [plan_entry(units[n], b, g or recipe.group_size, recipe.outlier_frac) for b, g in allowed_choices(n, recipe)]
             for n in names
         ]
-        costs = [
-            [table.score(n, e.bits, recipe.sensitivity, with_outliers, e.group_size) for e in opts]
-            for n, opts in zip(names, options)
-        ]
+        costs = [[table.costs[n][choice_of(e)] for e in opts] for n, opts in zip(names, options)]
         sizes = [[e.nbytes for e in opts] for opts in options]
-        budget = budget_bytes(recipe, units)
+        budget = check_budget(recipe, units, ctx[keys.MODEL_SIZE])
         n_weights = sum(u.n_weights for u in units.values())
-        smallest = sum(min(s) for s in sizes)
-        if smallest > budget:
-            raise InfeasibleBudgetError(
-                f"budget {quant.average_bits(budget, n_weights):.3f} bits/weight ({budget} bytes) is infeasible: "
-                f"the smallest plan allowed by the recipe needs {quant.average_bits(smallest, n_weights):.3f} bits "
-                f"({smallest} bytes); raise the budget, allow lower widths or relax pins"
-            )
         choices, objective = solve_mckp(costs, sizes, budget)
         plan = {n: opts[c] for n, opts, c in zip(names, options, choices)}
         used = sum(e.nbytes for e in plan.values())
-        report = AllocationReport(budget, used, n_weights, objective, smallest, "optimal")
-        ctx.results[keys.BIT_PLAN] = plan
+        report = AllocationReport(budget, used, n_weights, objective, sum(min(s) for s in sizes), "optimal")
+        ctx.results[self.produces[0]] = plan
         ctx.results[keys.ALLOCATION] = report
         return PassResult(
             False,

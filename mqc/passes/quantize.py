@@ -47,14 +47,17 @@ class QuantizeModules(Pass):
         return self.finish(ctx, planned)
 
     @staticmethod
-    def swap(ctx: CompileContext, name: str, hessian: torch.Tensor | None) -> None:
+    def swap(ctx: CompileContext, name: str, hessian: torch.Tensor | None = None, packed=None) -> None:
+        """Replace unit ``name`` by its runtime module: quantized here, or ``packed`` as given
+        (a ``(QuantizedWeight, SparseOutliers | None)`` pair already made for it)."""
         model, unit, entry = ctx.model, ctx[keys.UNITS][name], ctx[keys.BIT_PLAN][name]
-        weight = unit.weight(model)
-        quant.check_finite(weight, name)
         old = model.get_submodule(name)
         bias = None if isinstance(old, torch.nn.Embedding) else getattr(old, "bias", None)
-        mask = ctx[keys.OUTLIER_MASKS].get(name)
-        qlinear = QLinear.from_weight(weight, bias, entry.bits, entry.group_size, mask, hessian)
+        if packed is None:
+            weight = unit.weight(model)
+            quant.check_finite(weight, name)
+            packed = quant.quantize_layer(weight, entry.bits, entry.group_size, ctx[keys.OUTLIER_MASKS].get(name), hessian)
+        qlinear = QLinear.from_quantized(*packed, bias)
         if unit.embedding == name:  # an untied embedding is its own table
             model.set_submodule(name, QEmbedding(qlinear, None, _embed_scale(old)))
             return

@@ -24,25 +24,12 @@ from tqdm import tqdm
 from mqc import quant
 from mqc.passes import keys
 from mqc.passes.act_stats import CALIB_BATCH
+from mqc.passes.bit_alloc import CostTable
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.outliers import outlier_mask
-from mqc.passes.units import plan_entry
+from mqc.passes.units import Choice, choice_label, choices, plan_entry
 
 VARIANTS = ("first_order", "fisher")
-
-
-Choice = tuple[int, int | None]  # (bits, group size); 16-bit layers have no group size
-
-
-def choices(recipe) -> list[Choice]:
-    """Every (bits, group size) option the allocator may give a layer."""
-    out: list[Choice] = [(b, g) for b in recipe.quant_bits for g in recipe.group_sizes]
-    return out + ([(quant.FP16_BITS, None)] if quant.FP16_BITS in recipe.allowed_bits else [])
-
-
-def choice_label(choice: Choice) -> str:
-    bits, group = choice
-    return str(bits) if group is None else f"{bits}/g{group}"
 
 
 @dataclass
@@ -71,10 +58,19 @@ class SensitivityTable:
         }
 
 
+def cost_table(table: SensitivityTable, recipe, units) -> CostTable:
+    """The allocator's view of a sensitivity table: the recipe's variant for every choice."""
+    with_outliers = recipe.outlier_frac > 0
+    costs = CostTable(recipe.sensitivity)
+    for name in units:
+        costs.costs[name] = {(b, g): table.score(name, b, recipe.sensitivity, with_outliers, g) for b, g in choices(recipe)}
+    return costs
+
+
 class Sensitivity(Pass):
     name = "sensitivity"
     requires = (keys.UNITS, keys.CALIB, keys.ACT_STATS)
-    produces = (keys.SENSITIVITY,)
+    produces = (keys.SENSITIVITY, keys.COSTS)
 
     def run(self, ctx: CompileContext) -> PassResult:
         model, recipe, units = ctx.model, ctx.recipe, ctx[keys.UNITS]
@@ -142,4 +138,5 @@ class Sensitivity(Pass):
                         entry[f"{variant}_outliers"][fp16] = entry[variant][fp16]
             table.scores[name] = entry
         ctx.results[keys.SENSITIVITY] = table
+        ctx.results[keys.COSTS] = cost_table(table, recipe, units)
         return PassResult(False, f"sensitivity of {len(units)} layers x {len(options)} choices")

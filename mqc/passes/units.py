@@ -15,6 +15,7 @@ import torch
 from mqc import quant
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
+from mqc.size import model_size
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,32 @@ class LayerPlan:
         return self.out_features * self.in_features
 
 
+Choice = tuple[int, int | None]  # (bits, group size); 16-bit layers have no group size
+
+
+def choices(recipe) -> list[Choice]:
+    """Every (bits, group size) option the allocator may give a layer."""
+    out: list[Choice] = [(b, g) for b in recipe.quant_bits for g in recipe.group_sizes]
+    return out + ([(quant.FP16_BITS, None)] if quant.FP16_BITS in recipe.allowed_bits else [])
+
+
+def choice_label(choice: Choice) -> str:
+    bits, group = choice
+    return str(bits) if group is None else f"{bits}/g{group}"
+
+
 def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float) -> LayerPlan:
     n_out = 0 if bits == quant.FP16_BITS else quant.n_outliers_for(unit.out_features, unit.in_features, outlier_frac)
     return LayerPlan(unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias)
+
+
+def choice_plans(unit: WeightUnit, recipe) -> dict[Choice, LayerPlan]:
+    """The plan entry of every choice the recipe allows for ``unit`` (pins not applied)."""
+    return {c: plan_entry(unit, c[0], c[1] or recipe.group_size, recipe.outlier_frac) for c in choices(recipe)}
+
+
+def choice_of(entry: LayerPlan) -> Choice:
+    return (entry.bits, None) if entry.bits == quant.FP16_BITS else (entry.bits, entry.group_size)
 
 
 def plan_bytes(plan: dict[str, LayerPlan]) -> int:
@@ -78,7 +102,7 @@ class SelectUnits(Pass):
 
     name = "select_units"
     requires = (keys.GRAPH,)
-    produces = (keys.UNITS,)
+    produces = (keys.UNITS, keys.MODEL_SIZE)
 
     def run(self, ctx: CompileContext) -> PassResult:
         graph, recipe, model = ctx[keys.GRAPH], ctx.recipe, ctx.model
@@ -108,4 +132,5 @@ class SelectUnits(Pass):
             vocab, hidden = input_embedding.weight.shape
             units[emb_name] = WeightUnit(emb_name, vocab, hidden, False, embedding=emb_name)
         ctx.results[keys.UNITS] = units
+        ctx.results[keys.MODEL_SIZE] = model_size(model, set(units))
         return PassResult(False, f"{len(units)} weight tensors selected")

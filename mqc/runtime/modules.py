@@ -57,9 +57,15 @@ class QLinear(torch.nn.Module):
     ) -> "QLinear":
         """Quantize ``weight [out, in]`` (outliers at ``outlier_mask`` kept as fp16 residuals;
         GPTQ when the layer's input Hessian is given)."""
-        qw, sparse = quant.quantize_layer(weight, bits, group_size, outlier_mask, hessian)
+        return cls.from_quantized(*quant.quantize_layer(weight, bits, group_size, outlier_mask, hessian), bias)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: quant.QuantizedWeight, sparse: quant.SparseOutliers | None, bias: torch.Tensor | None
+    ) -> "QLinear":
+        """The module holding an already packed weight (and its outliers and bias)."""
         n_outliers = 0 if sparse is None else sparse.nnz
-        module = cls(weight.shape[0], weight.shape[1], bits, group_size, n_outliers, bias is not None)
+        module = cls(qw.out_features, qw.in_features, qw.bits, qw.group_size, n_outliers, bias is not None)
         module.qweight.copy_(qw.qweight)
         module.scales.copy_(qw.scales)
         module.qzeros.copy_(qw.qzeros)

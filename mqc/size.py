@@ -1,0 +1,86 @@
+"""One size axis: the whole model, every stored byte, as llama.cpp reports bits per weight.
+
+A model's size is all bytes of all tensors as stored: the planned units' codes, scales, zeros,
+outliers and indices (:func:`mqc.quant.layer_bytes`) plus every other tensor the artifact keeps
+(norms, biases, unquantized layers and embeddings) at fp16, each shared (tied) tensor once.
+Bits per weight = 8 x bytes / parameters, parameters counted once. Budgets (``--size``) are on
+the same axis: ``70MB`` (10^6 bytes), ``70MiB`` (2^20 bytes), ``3.5bpw``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mqc.errors import RecipeError
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Size:
+    """A whole-model size target: absolute bytes or bits per weight (exactly one is set)."""
+
+    nbytes: int | None = None
+    bpw: float | None = None
+
+    def to_bytes(self, n_params: int) -> int:
+        return self.nbytes if self.nbytes is not None else int(self.bpw * n_params / 8)
+
+    def __str__(self) -> str:
+        return f"{self.bpw:g}bpw" if self.bpw is not None else f"{self.nbytes}B"
+
+
+def parse_size(text: str) -> Size:
+    """``"70MB"``, ``"70MiB"``, ``"3.5bpw"``, ``"123456B"`` -> :class:`Size`."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or (unit != "bpw" and unit not in _UNITS):
+        raise RecipeError(
+            f"size {text!r} not understood; give bits per weight like '3.5bpw' or bytes like '70MB', '64MiB'"
+        )
+    value = float(match.group(1))
+    if value <= 0:
+        raise RecipeError(f"size {text!r} must be positive")
+    if unit == "bpw":
+        if value > 32:
+            raise RecipeError(f"size {text!r}: more than 32 bits per weight is larger than the float32 model")
+        return Size(bpw=value)
+    return Size(nbytes=int(value * _UNITS[unit]))
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What a model stores besides its planned units, and how many parameters it has."""
+
+    n_params: int  # every parameter once (a tied embedding/lm_head once)
+    fixed_bytes: int  # stored bytes of every tensor that no unit replaces (fp16 floats)
+
+    def total_bytes(self, plan_bytes: int) -> int:
+        return self.fixed_bytes + plan_bytes
+
+    def bpw(self, plan_bytes: int) -> float:
+        return 8.0 * self.total_bytes(plan_bytes) / self.n_params
+
+
+def model_size(model: torch.nn.Module, replaced: set[str]) -> ModelSize:
+    """Parameters and fixed bytes of ``model`` when the modules ``replaced`` become plan units.
+
+    A replaced module's weight and bias are counted by its plan entry; every other tensor of the
+    state dict is stored once (shared storage once), float tensors as fp16.
+    """
+    n_params = sum(p.numel() for p in model.parameters())
+    state = model.state_dict()
+    key = lambda t: (t.data_ptr(), tuple(t.shape))  # noqa: E731
+    # by storage, not by name: a tied embedding is the lm_head unit under either of its names
+    seen = {key(state[f"{m}.{t}"]) for m in replaced for t in ("weight", "bias") if f"{m}.{t}" in state}
+    fixed = 0
+    for tensor in state.values():
+        if key(tensor) in seen:
+            continue
+        seen.add(key(tensor))
+        fixed += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+    return ModelSize(n_params, fixed)

@@ -1,0 +1,61 @@
+"""The measured-KL search: never over budget, and it repairs a plan the costs got wrong."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mqc
+from mqc.passes import keys
+from mqc.passes.base import PassManager
+from mqc.passes.bit_alloc import AllocateBits, CostTable
+from mqc.passes.search import EvoSearch, mutate
+from mqc.runtime.artifact import TENSORS
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_mutations_keep_the_budget():
+    import numpy as np
+
+    from mqc.passes.units import LayerPlan
+
+    levels = {f"u{i}": [LayerPlan(f"u{i}", b, 32, 0, 8, 64, False) for b in (2, 3, 4, 8)] for i in range(6)}
+    budget = sum(levels[n][1].nbytes for n in levels)
+    rng = np.random.default_rng(0)
+    state = {n: 1 for n in levels}
+    for _ in range(300):
+        state = mutate(state, levels, budget, rng) or state
+        assert sum(levels[n][i].nbytes for n, i in state.items()) <= budget
+
+
+def test_search_repairs_misleading_costs(calib, tmp_path, sharp_model):
+    """Costs that say the lm_head does not matter and everything else does: the knapsack starves
+    the lm_head, the search (which measures the model) moves bytes back and lowers the KL."""
+    recipe = mqc.Recipe(method="mq", size="3.5bpw", allowed_group_sizes=(32,), search_generations=25)
+    compiled = mqc.compile(sharp_model(), dataclasses.replace(recipe, search="none"), calib=calib, progress=False)
+    ctx = compiled.context
+    wrong = CostTable("misleading", {
+        n: {c: (0.0 if n == "lm_head" else 1.0 / c[0]) for c in per} for n, per in ctx[keys.COSTS].costs.items()
+    })  # fmt: skip
+    model = sharp_model()
+    run = mqc.api.CompileContext(model=model, recipe=recipe, progress=False)
+    run.results.update({k: ctx.results[k] for k in (keys.GRAPH, keys.UNITS, keys.MODEL_SIZE, keys.CALIB, keys.CANDIDATES)})
+    run.results[keys.COSTS] = wrong
+    from mqc.passes.candidates import LowerCandidates
+
+    PassManager([AllocateBits(final=False), EvoSearch(), LowerCandidates()]).run(run)
+    start, report = run[keys.START_PLAN], run[keys.SEARCH]
+    assert start["lm_head"].bits == 2
+    assert report.final_kl < 0.8 * report.start_kl and report.accepted > 0
+    plan = run[keys.BIT_PLAN]
+    budget = run[keys.ALLOCATION].budget_bytes
+    assert sum(e.nbytes for e in plan.values()) <= budget
+    size = run[keys.MODEL_SIZE]
+    out = mqc.save(mqc.api.CompiledModel(model, recipe, plan, run), tmp_path / "a")
+    header = int.from_bytes((out / TENSORS).read_bytes()[:8], "little")
+    on_disk = (out / TENSORS).stat().st_size - 8 - header
+    assert on_disk == size.total_bytes(sum(e.nbytes for e in plan.values())) and size.bpw(on_disk - size.fixed_bytes) <= 3.5
