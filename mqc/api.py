@@ -139,9 +139,11 @@ def compile(
     ``tokenizer``.
 
     ``reuse``: an earlier compile of a copy of the same full-precision model whose recipe differs
-    at most in budget, pins, sensitivity kind or quantizer. Its units, calibration ids, activation
-    statistics and sensitivities are taken as they are and the passes that made them do not run,
-    so a sweep over budgets pays for the analysis (most of an ``mq`` compile) once.
+    at most in budget (size, bits, bytes or fraction), pins and search settings (with LLM-MQ's
+    RTN-delta sensitivities, also in sensitivity kind and quantizer). Its analysis (units,
+    calibration ids, activation statistics, Hessians, candidates, output gradients, costs or
+    sensitivities) is taken as it is and the passes that made it do not run, so a sweep over
+    sizes pays for the analysis (most of an ``mq`` compile) once.
     """
     recipe = recipe or Recipe()
     start = time.perf_counter()
@@ -149,7 +151,7 @@ def compile(
     if reuse is not None:
         if _analysis_fields(reuse.recipe) != _analysis_fields(recipe):
             raise MqcError(
-                "reuse: the earlier compile's recipe differs in more than budget, pins, sensitivity or quantizer; "
+                "reuse: the earlier compile's recipe differs in more than budget, pins or search settings; "
                 "compile without reuse"
             )
         reused = {k: reuse.context.results[k] for k in REUSABLE if k in reuse.context.results}

@@ -27,11 +27,11 @@ from mqc import quant
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.quantize import QuantizeModules
-from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans
+from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans, choices
 
 # Bound on rows (over all grids) per GPTQ call: the lm_head of a 49k vocabulary at 12 grids
 # would otherwise hold several GB of temporaries.
-_MAX_ROWS_PER_CALL = 200_000
+_MAX_ROWS_PER_CALL = 100_000
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ class Candidates(Pass):
             plans = choice_plans(unit, recipe)
             table.units[name] = unit_candidates(unit, weight, plans, hessians.get(name), energy.get(name))
         ctx.results[keys.CANDIDATES] = table
-        return PassResult(False, f"{len(units)} units x {len(plans)} choices, {table.nbytes() / 2**20:.0f} MiB packed")
+        n_choices = len(choices(recipe))
+        return PassResult(False, f"{len(units)} units x {n_choices} choices, {table.nbytes() / 2**20:.0f} MiB packed")
 
 
 class LowerCandidates(QuantizeModules):

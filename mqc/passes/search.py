@@ -56,7 +56,7 @@ class PlanModel:
         self.model = copy.deepcopy(model)
         round_to_fp16(self.model)  # as the lowering stores every other tensor
         self.units, self.table = units, table
-        self.original = {n: u.weight(model).clone() for n, u in units.items()}
+        self.original = {n: u.weight(model) for n, u in units.items()}  # views: the model is not changed
         self.applied: dict[str, tuple] = {}
 
     def apply(self, plan: dict[str, LayerPlan]) -> torch.nn.Module:
