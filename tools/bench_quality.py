@@ -252,7 +252,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     styles = {"uniform": ("o", "tab:gray"), "llama.cpp": ("^", "tab:orange"), "mq": ("s-", "tab:blue")}
     for family, (marker, color) in styles.items():
-        rows = sorted((r for r in result["rows"] if r["family"] == family and r["ppl"] / fp < 20), key=lambda r: r["bpw"])
+        drawn = (r for r in result["rows"] if r["family"] == family and r["ppl"] / fp < 20 and r["bpw"] <= 10)
+        rows = sorted(drawn, key=lambda r: r["bpw"])
         if not rows:
             continue
         if family == "uniform":
@@ -264,7 +265,7 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["bpw"] for r in rows], [r["ppl"] / fp for r in rows], marker, color=color, label=family)
     ax.set_yscale("log")
     ax.set_xlabel("whole-model bits per weight (every tensor, embeddings included)")
-    ax.set_ylabel("perplexity / full precision (rows above 20x not drawn)")
+    ax.set_ylabel("perplexity / full precision (rows above 20x or 10 bpw not drawn)")
     ax.set_title(f"SmolLM2-135M, Brown eval, {result['tokens']} tokens, context {result['context']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
