@@ -10,7 +10,7 @@ from mqc.passes import keys
 from mqc.passes.base import PassManager
 from mqc.passes.bit_alloc import AllocateBits, CostTable
 from mqc.passes.search import EvoSearch, mutate
-from mqc.runtime.artifact import TENSORS
+from mqc.runtime.artifact import TENSORS, tensor_data_bytes
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,5 @@ def test_search_repairs_misleading_costs(calib, tmp_path, sharp_model):
     assert sum(e.nbytes for e in plan.values()) <= budget
     size = run[keys.MODEL_SIZE]
     out = mqc.save(mqc.api.CompiledModel(model, recipe, plan, run), tmp_path / "a")
-    header = int.from_bytes((out / TENSORS).read_bytes()[:8], "little")
-    on_disk = (out / TENSORS).stat().st_size - 8 - header
+    on_disk = tensor_data_bytes(out / TENSORS)
     assert on_disk == size.total_bytes(sum(e.nbytes for e in plan.values())) and size.bpw(on_disk - size.fixed_bytes) <= 3.5

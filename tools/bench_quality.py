@@ -56,7 +56,7 @@ from mqc.passes import keys  # noqa: E402
 from mqc.passes.search import PlanModel, mutate, unit_levels  # noqa: E402
 from mqc.passes.units import plan_bytes, plan_entry  # noqa: E402
 from mqc.report import machine  # noqa: E402
-from mqc.runtime.artifact import TENSORS  # noqa: E402
+from mqc.runtime.artifact import TENSORS, tensor_data_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP_PYTHON = cache_dir() / "llamacpp-venv" / "bin" / "python"
@@ -67,13 +67,6 @@ GRID_MIXES = {"Q4_K_S", "Q4_K_M", "Q5_K_M"}
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def safetensors_data_bytes(path: Path) -> int:
-    """Tensor bytes of a safetensors file: its size less the 8-byte length and the JSON header."""
-    with open(path, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - header
 
 
 def mq_rows(args, base, tok, ids, save) -> mqc.CompiledModel:
@@ -87,7 +80,7 @@ def mq_rows(args, base, tok, ids, save) -> mqc.CompiledModel:
         model_size = compiled.context[keys.MODEL_SIZE]
         total = model_size.total_bytes(plan_bytes(compiled.plan))
         with tempfile.TemporaryDirectory() as tmp:
-            on_disk = safetensors_data_bytes(mqc.save(compiled, Path(tmp) / "a") / TENSORS)
+            on_disk = tensor_data_bytes(mqc.save(compiled, Path(tmp) / "a") / TENSORS)
         assert on_disk == total, f"mq {size}: {on_disk} bytes on disk, {total} accounted"
         ppl = perplexity(compiled.model, ids, context=args.context, max_tokens=args.tokens, progress=False)
         search = compiled.context.results.get(keys.SEARCH)

@@ -103,7 +103,7 @@ def unit_candidates(
         if hessian is not None:
             results = quant.gptq_batch(weight, hessian, grids)
         else:
-            results = [(*quant._codes(weight, g.bits, g.group_size, g.outlier_mask), weight.float()) for g in grids]
+            results = [quant._quantize_any(weight, g.bits, g.group_size, g.outlier_mask, None) for g in grids]
         for choice, grid, (q, z, s, target) in zip(batch, grids, results):
             qw = quant.QuantizedWeight(quant.pack(q, grid.bits), s, quant.pack(z, grid.bits), grid.bits, grid.group_size, weight.shape[1])
             sparse = None

@@ -66,6 +66,14 @@ def stored_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases
 
 
+def tensor_data_bytes(path: str | os.PathLike) -> int:
+    """Tensor bytes of a safetensors file: its size less the 8-byte length and the JSON header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
 def runtime_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     kinds = set(RUNTIME_MODULES.values())
     return {
