@@ -29,6 +29,10 @@ def _parse_bits_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} must be a comma list of integers like 2,3,4,8,16") from None
 
 
+def _parse_names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 # flag -> recipe field; a flag left unset keeps the recipe file's (or the default) value
 _RECIPE_FLAGS = {
     "method": "method",
@@ -46,6 +50,8 @@ _RECIPE_FLAGS = {
     "sensitivity": "sensitivity",
     "search": "search",
     "search_generations": "search_generations",
+    "target": "target",
+    "gguf_types": "gguf_types",
 }
 _CALIB_FLAGS = {"calib_file": "file", "calib_samples": "n_samples", "calib_seq_len": "seq_len", "seed": "seed"}
 _KV_FLAGS = {
@@ -67,6 +73,8 @@ def recipe_from_args(args: argparse.Namespace, size: str | None = None):
     if size is not None:
         data["size"] = size
         data.setdefault("method", "mq")  # a size budget is what mq allocates; --method rtn is refused by the recipe
+    if args.target == "gguf":
+        data.setdefault("method", "mq")  # a GGUF plan is an mq allocation over llama.cpp's types
     for flag, key in _RECIPE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -125,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--search", choices=["evo", "none"], help="mq: refine the knapsack plan on measured KL (default evo)")
     c.add_argument("--search-generations", type=int, help="mq: generations of the measured-KL search (default 10)")
+    c.add_argument("--target", choices=["torch", "gguf"],
+                   help="formats to plan in: mqc's own (torch, default) or llama.cpp's types for `mqc export --gguf`")
+    c.add_argument("--gguf-types", type=_parse_names,
+                   help="target gguf: comma list of llama.cpp types to choose from (default all: "
+                   "Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0,F16)")
     c.add_argument("--calib-file", help="calibrate on this text file instead of the Brown calibration split")
     c.add_argument("--calib-samples", type=int)
     c.add_argument("--calib-seq-len", type=int)

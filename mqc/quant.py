@@ -283,11 +283,18 @@ GPTQ_CHUNK_ROWS = 65536  # rows (over all grids) processed together; rows are in
 
 @dataclass(frozen=True)
 class Grid:
-    """One quantization target of a layer: width, group size and optional outlier positions."""
+    """One quantization target of a layer: width, group size and optional outlier positions.
+
+    ``fixed`` is a grid fitted elsewhere, ``(zero, scale)`` float32 ``[N, n_blocks]`` with
+    ``W_hat = (q - zero) * scale`` and ``q`` in ``[0, 2^bits)``: llama.cpp's block formats
+    (:mod:`mqc.quant_ggml`) have fractional zeros, negative scales and 5/6-bit codes, and GPTQ
+    only needs to round onto them.
+    """
 
     bits: int
     group_size: int
     outlier_mask: torch.Tensor | None = None
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def gptq_batch(
@@ -309,10 +316,13 @@ def gptq_batch(
     and share the column loop (the allocator needs a dozen candidates of every layer; one loop per
     candidate made the Python overhead dominate). The matrix is kept transposed so that a column
     is a contiguous row. Returns per grid ``(q [N, nb, g] int32, z [N, nb] int32, s [N, nb] fp16,
-    target [N, K] fp32)`` in the layout of :func:`_codes`.
+    target [N, K] fp32)`` in the layout of :func:`_codes` (a ``fixed`` grid's own float ``z, s``).
     """
     for grid in grids:
-        _check_args(weight, grid.bits, grid.group_size)
+        if grid.fixed is None:
+            _check_args(weight, grid.bits, grid.group_size)
+        else:
+            check_finite(weight)
     rows, cols = weight.shape
     w = weight.float().clone()
     w[:, torch.diag(hessian) == 0] = 0.0
@@ -323,6 +333,9 @@ def gptq_batch(
     for grid in grids:
         keep = torch.ones_like(w, dtype=torch.bool) if grid.outlier_mask is None else ~grid.outlier_mask
         levels = (1 << grid.bits) - 1
+        if grid.fixed is not None:
+            params.append((*grid.fixed, keep, levels))
+            continue
         importance = _grouped(energy, grid.group_size, 0.0) if grid.bits <= CLIP_MAX_BITS else None
         wg, kg = _grouped(w, grid.group_size, 0.0), _grouped(keep.float(), grid.group_size, 0.0).bool()
         zero, scale16 = _params(wg, kg, levels, importance)
@@ -343,7 +356,8 @@ def gptq_batch(
     results = []
     for grid, (zero, scale16, _, _), q, target in zip(grids, params, out_q, out_t):
         q = _grouped(q[:, restore], grid.group_size, 0.0)  # padding codes 0, as in _codes
-        results.append((q.to(torch.int32), zero.to(torch.int32), scale16, target[:, restore]))
+        zero = zero if grid.fixed is not None else zero.to(torch.int32)
+        results.append((q.to(torch.int32), zero, scale16, target[:, restore]))
     return results
 
 
@@ -351,7 +365,10 @@ def _gptq_chunk(chunk, grids, params, w_perm, order, hinv, out_q, out_t) -> None
     """GPTQ's column loop over the stacked rows ``chunk`` ((grid, first row, end row) pieces)."""
     cols = w_perm.shape[1]
     wt = torch.cat([w_perm[r0:r1] for _, r0, r1 in chunk]).T.contiguous()  # [K, R]
-    zt = torch.cat([params[g][0][r0:r1][:, order // grids[g].group_size] for g, r0, r1 in chunk]).T.contiguous()
+    zt = torch.cat([params[g][0].float()[r0:r1][:, order // grids[g].group_size] for g, r0, r1 in chunk]).T.contiguous()
+    # round(x/s) + z for the integer zeros of mqc's grids (unchanged ties), round(x/s + z) for fractional ones
+    zi = zt.floor()
+    zf = zt - zi
     st = torch.cat([params[g][1].float()[r0:r1][:, order // grids[g].group_size] for g, r0, r1 in chunk]).T.contiguous()
     keep = torch.cat([params[g][2][r0:r1][:, order] for g, r0, r1 in chunk]).T.contiguous()
     levels = torch.cat([torch.full((r1 - r0,), float(params[g][3])) for g, r0, r1 in chunk])
@@ -361,7 +378,7 @@ def _gptq_chunk(chunk, grids, params, w_perm, order, hinv, out_q, out_t) -> None
         errors = torch.empty(i2 - i1, wt.shape[1])
         for i in range(i1, i2):
             column = wt[i]
-            code = torch.minimum(torch.clamp_min(torch.round(column / st[i]) + zt[i], 0.0), levels)
+            code = torch.minimum(torch.clamp_min(torch.round(column / st[i] + zf[i]) + zi[i], 0.0), levels)
             value = torch.where(keep[i], (code - zt[i]) * st[i], column)
             qt[i], tt[i] = code, value
             err = (column - value) / hinv[i, i]

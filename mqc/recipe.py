@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from mqc.errors import RecipeError
-from mqc.quant import GROUP_SIZES, QUANT_BITS, SUPPORTED_BITS
+from mqc.quant import FP16_BITS, GROUP_SIZES, QUANT_BITS, SUPPORTED_BITS
+from mqc.quant_ggml import ALL_TYPES, F16, check_types
 from mqc.size import parse_size
 
 
@@ -103,6 +104,8 @@ class Recipe:
     size: str | None = None  # whole-model size budget for mq: "70MB", "64MiB", "3.5bpw"
     search: str = "evo"  # mq: "evo" refines the knapsack plan on measured KL; "none" keeps it
     search_generations: int = 10
+    target: str = "torch"  # "torch": mqc's own formats; "gguf": llama.cpp's types (mqc export --gguf)
+    gguf_types: tuple[str, ...] = ()  # target gguf: the types to choose from; (): all of them
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
 
@@ -144,6 +147,19 @@ class Recipe:
             raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'kl', 'first_order' or 'fisher'")
         if self.quantizer not in (None, "rtn", "gptq"):
             raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
+        if self.target not in ("torch", "gguf"):
+            raise RecipeError(f"unknown target {self.target!r}; use 'torch' or 'gguf'")
+        try:
+            check_types(self.gguf_types)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        if self.gguf_types and self.target != "gguf":
+            raise RecipeError("gguf_types only apply with target 'gguf'")
+        if self.target == "gguf":
+            if self.method != "mq" or self.sensitivity != "kl":
+                raise RecipeError("target 'gguf' plans with --method mq and the predicted-KL costs (sensitivity 'kl')")
+            if self.outlier_frac or self.kv is not None:
+                raise RecipeError("target 'gguf' stores llama.cpp types only: no outliers (outlier_frac 0) and no low-rank KV")
         for pin in self.pins:
             if pin.min_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")
@@ -168,6 +184,12 @@ class Recipe:
         """Group sizes a plan may use (the allocator's choice set for mq: all of them by default)."""
         default = GROUP_SIZES if self.method == "mq" else (self.group_size,)
         return tuple(sorted(set(self.allowed_group_sizes))) or default
+
+    @property
+    def gguf_choice_types(self) -> tuple[str, ...]:
+        """The llama.cpp types a GGUF plan chooses from (F16 only if 16 bits are allowed)."""
+        names = self.gguf_types or ALL_TYPES
+        return tuple(n for n in names if n != F16 or FP16_BITS in self.allowed_bits)
 
     @property
     def quant_bits(self) -> tuple[int, ...]:

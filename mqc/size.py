@@ -66,11 +66,12 @@ class ModelSize:
         return 8.0 * self.total_bytes(plan_bytes) / self.n_params
 
 
-def model_size(model: torch.nn.Module, replaced: set[str]) -> ModelSize:
+def model_size(model: torch.nn.Module, replaced: set[str], gguf: bool = False) -> ModelSize:
     """Parameters and fixed bytes of ``model`` when the modules ``replaced`` become plan units.
 
     A replaced module's weight and bias are counted by its plan entry; every other tensor of the
-    state dict is stored once (shared storage once), float tensors as fp16.
+    state dict is stored once (shared storage once), float tensors as fp16, except that a GGUF
+    file (``gguf``) keeps 1-D float tensors (norms, biases) in F32, as llama.cpp's converter does.
     """
     n_params = sum(p.numel() for p in model.parameters())
     state = model.state_dict()
@@ -82,5 +83,6 @@ def model_size(model: torch.nn.Module, replaced: set[str]) -> ModelSize:
         if key(tensor) in seen:
             continue
         seen.add(key(tensor))
-        fixed += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+        width = (4 if gguf and tensor.ndim == 1 else 2) if tensor.is_floating_point() else tensor.element_size()
+        fixed += tensor.numel() * width
     return ModelSize(n_params, fixed)

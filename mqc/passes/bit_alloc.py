@@ -12,7 +12,6 @@ number the artifact is checked against, so a plan that fits here fits on disk.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +21,7 @@ from mqc import quant
 from mqc.errors import InfeasibleBudgetError
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choices, plan_entry
+from mqc.passes.units import Choice, LayerPlan, WeightUnit, allowed_choices, choice_of, plan_for
 from mqc.recipe import Recipe
 from mqc.size import ModelSize, parse_size
 
@@ -105,17 +104,10 @@ def unit_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -
     return int(recipe.bits * sum(u.n_weights for u in units.values()) / 8)
 
 
-def allowed_choices(name: str, recipe: Recipe) -> list[Choice]:
-    """The (bits, group size) options of a layer after its pins."""
-    floor = max([p.min_bits for p in recipe.pins if fnmatch.fnmatchcase(name, p.pattern)], default=0)
-    return [c for c in choices(recipe) if c[0] >= floor]
-
-
 def smallest_plan_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
     """Bytes of the smallest plan the recipe allows: known from the shapes alone, before any analysis."""
     return sum(
-        min(plan_entry(u, b, g or recipe.group_size, recipe.outlier_frac).nbytes for b, g in allowed_choices(n, recipe))
-        for n, u in units.items()
+min(plan_for(u, c, recipe).nbytes for c in allowed_choices(u, recipe)) for u in units.values()
     )
 
 
@@ -150,8 +142,7 @@ class AllocateBits(Pass):
         recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.COSTS]
         names = list(units)
         options: list[list[LayerPlan]] = [
-            [plan_entry(units[n], b, g or recipe.group_size, recipe.outlier_frac) for b, g in allowed_choices(n, recipe)]
-            for n in names
+[plan_for(units[n], c, recipe) for c in allowed_choices(units[n], recipe)] for n in names
         ]
         costs = [[table.costs[n][choice_of(e)] for e in opts] for n, opts in zip(names, options)]
         sizes = [[e.nbytes for e in opts] for opts in options]

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from mqc import quant
+from mqc import quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.quantize import QuantizeModules
-from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans, choices
+from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans
 
 # Bound on rows (over all grids) per GPTQ call: the lm_head of a 49k vocabulary at 12 grids
 # would otherwise hold several GB of temporaries.
@@ -37,7 +37,7 @@ _MAX_ROWS_PER_CALL = 100_000
 @dataclass(frozen=True)
 class Candidate:
     plan: LayerPlan
-    weight: quant.QuantizedWeight | None  # None: the layer stays in fp16
+    weight: quant.QuantizedWeight | quant_ggml.GgmlWeight | None  # None: the layer stays in fp16
     outliers: quant.SparseOutliers | None
     row_error: torch.Tensor  # [out] diag(dW H dW^T)
 
@@ -51,6 +51,8 @@ class CandidateTable:
         cand = self.units[name][choice]
         if cand.weight is None:
             return weight.to(torch.float16).float()
+        if isinstance(cand.weight, quant_ggml.GgmlWeight):
+            return quant_ggml.dequantize(cand.weight)
         dense = quant.dequantize(cand.weight)
         return dense if cand.outliers is None else dense + cand.outliers.to_dense()
 
@@ -92,10 +94,15 @@ def unit_candidates(
     quant.check_finite(weight, unit.qualname)
     options = list(plans)
     out: dict[Choice, Candidate] = {}
-    quantized = [c for c in options if c[0] != quant.FP16_BITS]
+    quantized = [c for c in options if plans[c].bits != quant.FP16_BITS]
     per_call = max(1, _MAX_ROWS_PER_CALL // unit.out_features)
     for start in range(0, len(quantized), per_call):
         batch = quantized[start : start + per_call]
+        if isinstance(batch[0], str):  # llama.cpp types (a GGUF plan): never outliers
+            importance = torch.diag(hessian) if hessian is not None else energy
+            for choice, gw in zip(batch, quant_ggml.encode_batch(weight, batch, importance, hessian)):
+                out[choice] = Candidate(plans[choice], gw, None, row_error(quant_ggml.dequantize(gw) - weight, hessian))
+            continue
         grids = [quant.Grid(b, g) for b, g in batch]
         if any(plans[c].n_outliers for c in batch):
             masks = _outlier_masks(weight, hessian, grids, [plans[c].n_outliers for c in batch], energy)
@@ -112,7 +119,7 @@ def unit_candidates(
             approx = quant.dequantize(qw) + (sparse.to_dense() if sparse is not None else 0.0)
             out[choice] = Candidate(plans[choice], qw, sparse, row_error(approx - weight, hessian))
     for choice in options:
-        if choice[0] == quant.FP16_BITS:
+        if plans[choice].bits == quant.FP16_BITS:
             err = row_error(weight.to(torch.float16).float() - weight, hessian)
             out[choice] = Candidate(plans[choice], None, None, err)
     return {c: out[c] for c in options}
@@ -141,8 +148,8 @@ class Candidates(Pass):
             plans = choice_plans(unit, recipe)
             table.units[name] = unit_candidates(unit, weight, plans, hessians.get(name), energy.get(name))
         ctx.results[keys.CANDIDATES] = table
-        n_choices = len(choices(recipe))
-        return PassResult(False, f"{len(units)} units x {n_choices} choices, {table.nbytes() / 2**20:.0f} MiB packed")
+        n_choices = sum(len(per) for per in table.units.values())
+        return PassResult(False, f"{len(units)} units, {n_choices} candidates, {table.nbytes() / 2**20:.0f} MiB packed")
 
 
 class LowerCandidates(QuantizeModules):

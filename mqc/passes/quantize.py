@@ -12,11 +12,11 @@ import re
 import torch
 from tqdm import tqdm
 
-from mqc import quant
+from mqc import quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.act_stats import CALIB_BATCH
 from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.runtime.modules import QEmbedding, QLinear
+from mqc.runtime.modules import GgmlLinear, QEmbedding, QLinear
 
 
 def round_to_fp16(model: torch.nn.Module) -> None:
@@ -49,7 +49,8 @@ class QuantizeModules(Pass):
     @staticmethod
     def swap(ctx: CompileContext, name: str, hessian: torch.Tensor | None = None, packed=None) -> None:
         """Replace unit ``name`` by its runtime module: quantized here, or ``packed`` as given
-        (a ``(QuantizedWeight, SparseOutliers | None)`` pair already made for it)."""
+        (a ``(QuantizedWeight, SparseOutliers | None)`` pair already made for it, or a
+        ``(GgmlWeight, None)`` pair of a GGUF plan)."""
         model, unit, entry = ctx.model, ctx[keys.UNITS][name], ctx[keys.BIT_PLAN][name]
         old = model.get_submodule(name)
         bias = None if isinstance(old, torch.nn.Embedding) else getattr(old, "bias", None)
@@ -57,7 +58,10 @@ class QuantizeModules(Pass):
             weight = unit.weight(model)
             quant.check_finite(weight, name)
             packed = quant.quantize_layer(weight, entry.bits, entry.group_size, ctx[keys.OUTLIER_MASKS].get(name), hessian)
-        qlinear = QLinear.from_quantized(*packed, bias)
+        if isinstance(packed[0], quant_ggml.GgmlWeight):
+            qlinear = GgmlLinear.from_ggml(packed[0], bias)
+        else:
+            qlinear = QLinear.from_quantized(*packed, bias)
         if unit.embedding == name:  # an untied embedding is its own table
             model.set_submodule(name, QEmbedding(qlinear, None, _embed_scale(old)))
             return

@@ -28,10 +28,9 @@ from tqdm import tqdm
 from mqc.kl import mean_kl, reference_logprobs
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.passes.bit_alloc import allowed_choices
 from mqc.passes.candidates import CandidateTable
 from mqc.passes.quantize import round_to_fp16
-from mqc.passes.units import LayerPlan, WeightUnit, choice_of, plan_entry
+from mqc.passes.units import LayerPlan, WeightUnit, allowed_choices, choice_of, plan_for
 
 OFFSPRING = 6  # lambda
 STAGE_SEQUENCES = (1, 4)  # calibration sequences measured per stage (all offspring, then the best)
@@ -80,7 +79,7 @@ def unit_levels(ctx: CompileContext) -> dict[str, list[LayerPlan]]:
     for name, unit in units.items():
         error = {c: float(cand.row_error.sum()) for c, cand in table.units[name].items()}
         options = sorted(
-            (plan_entry(unit, b, g or recipe.group_size, recipe.outlier_frac) for b, g in allowed_choices(name, recipe)),
+            (plan_for(unit, c, recipe) for c in allowed_choices(unit, recipe)),
             key=lambda e: (e.nbytes, error[choice_of(e)]),
         )
         kept: list[LayerPlan] = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mqc import quant
+from mqc import quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.size import model_size
@@ -40,7 +40,12 @@ class WeightUnit:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What the plan decided for one unit, and the exact bytes that costs."""
+    """What the plan decided for one unit, and the exact bytes that costs.
+
+    ``fmt`` names a llama.cpp type (:mod:`mqc.quant_ggml`) when the plan targets GGUF; ``bits``
+    and ``group_size`` are then its code width and block (16 and 0 for F16), and the bias is
+    priced as GGUF stores it, in F32.
+    """
 
     qualname: str
     bits: int
@@ -49,9 +54,13 @@ class LayerPlan:
     out_features: int
     in_features: int
     has_bias: bool
+    fmt: str | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.fmt is not None:
+            bias = 4 * self.out_features if self.has_bias else 0
+            return quant_ggml.tensor_bytes(self.fmt, self.out_features, self.in_features) + bias
         return quant.layer_bytes(
             self.out_features, self.in_features, self.bits, self.group_size, self.n_outliers, self.has_bias
         )
@@ -61,16 +70,27 @@ class LayerPlan:
         return self.out_features * self.in_features
 
 
-Choice = tuple[int, int | None]  # (bits, group size); 16-bit layers have no group size
+Choice = tuple[int, int | None] | str  # (bits, group size; None for 16-bit) or a llama.cpp type name
 
 
 def choices(recipe) -> list[Choice]:
-    """Every (bits, group size) option the allocator may give a layer."""
+    """Every option the allocator may give a layer: (bits, group size) pairs, or the recipe's
+    llama.cpp types when it targets GGUF."""
+    if recipe.target == "gguf":
+        return list(recipe.gguf_choice_types)
     out: list[Choice] = [(b, g) for b in recipe.quant_bits for g in recipe.group_sizes]
     return out + ([(quant.FP16_BITS, None)] if quant.FP16_BITS in recipe.allowed_bits else [])
 
 
+def choice_bits(choice: Choice) -> int:
+    if isinstance(choice, str):
+        return quant.FP16_BITS if choice == quant_ggml.F16 else quant_ggml.TYPES[choice].bits
+    return choice[0]
+
+
 def choice_label(choice: Choice) -> str:
+    if isinstance(choice, str):
+        return choice
     bits, group = choice
     return str(bits) if group is None else f"{bits}/g{group}"
 
@@ -80,12 +100,35 @@ def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float
     return LayerPlan(unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias)
 
 
+def plan_for(unit: WeightUnit, choice: Choice, recipe) -> LayerPlan:
+    """The plan entry giving ``unit`` the option ``choice``."""
+    if isinstance(choice, str):
+        block = 0 if choice == quant_ggml.F16 else quant_ggml.TYPES[choice].block
+        u = unit
+        return LayerPlan(u.qualname, choice_bits(choice), block, 0, u.out_features, u.in_features, u.has_bias, choice)
+    bits, group = choice
+    return plan_entry(unit, bits, group or recipe.group_size, recipe.outlier_frac)
+
+
+def unit_choices(unit: WeightUnit, recipe) -> list[Choice]:
+    """The options ``unit`` can be stored in: a llama.cpp type only where its rows are whole blocks."""
+    return [c for c in choices(recipe) if not isinstance(c, str) or quant_ggml.fits(c, unit.in_features)]
+
+
+def allowed_choices(unit: WeightUnit, recipe) -> list[Choice]:
+    """The options of a unit after its pins (``min_bits``: the code width)."""
+    floor = max([p.min_bits for p in recipe.pins if fnmatch.fnmatchcase(unit.qualname, p.pattern)], default=0)
+    return [c for c in unit_choices(unit, recipe) if choice_bits(c) >= floor]
+
+
 def choice_plans(unit: WeightUnit, recipe) -> dict[Choice, LayerPlan]:
-    """The plan entry of every choice the recipe allows for ``unit`` (pins not applied)."""
-    return {c: plan_entry(unit, c[0], c[1] or recipe.group_size, recipe.outlier_frac) for c in choices(recipe)}
+    """The plan entry of every option ``unit`` can take (pins not applied)."""
+    return {c: plan_for(unit, c, recipe) for c in unit_choices(unit, recipe)}
 
 
 def choice_of(entry: LayerPlan) -> Choice:
+    if entry.fmt is not None:
+        return entry.fmt
     return (entry.bits, None) if entry.bits == quant.FP16_BITS else (entry.bits, entry.group_size)
 
 
@@ -132,5 +175,5 @@ class SelectUnits(Pass):
             vocab, hidden = input_embedding.weight.shape
             units[emb_name] = WeightUnit(emb_name, vocab, hidden, False, embedding=emb_name)
         ctx.results[keys.UNITS] = units
-        ctx.results[keys.MODEL_SIZE] = model_size(model, set(units))
+        ctx.results[keys.MODEL_SIZE] = model_size(model, set(units), gguf=recipe.target == "gguf")
         return PassResult(False, f"{len(units)} weight tensors selected")

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mqc import quant
+from mqc import quant, quant_ggml
 from mqc.runtime.ops import dense_weight
 
 
@@ -133,6 +133,15 @@ class QLinear(torch.nn.Module):
             self._dense, self._dense_stamp = self.dense_weight(dtype), stamp
         return self._dense
 
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(rows), in]`` of selected rows (an embedding lookup), outliers included."""
+        qw = quant.QuantizedWeight(
+            self.qweight[rows], self.scales[rows], self.qzeros[rows], self.bits, self.group_size, self.in_features
+        )
+        out = quant.dequantize(qw)
+        sparse = self.outliers()
+        return out if sparse is None else out + sparse.dense_rows(rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -178,7 +187,11 @@ class QEmbedding(torch.nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "QEmbedding":
         tied_to = config["tied_to"]
-        table = model.get_submodule(tied_to) if tied_to else QLinear(**config["table"])
+        if tied_to:
+            table = model.get_submodule(tied_to)
+        else:
+            table_cls = GgmlLinear if "fmt" in config["table"] else QLinear
+            table = table_cls(**config["table"])
         return cls(table, tied_to, config["embed_scale"])
 
     def nbytes(self) -> int:
@@ -186,18 +199,76 @@ class QEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = self.table
-        rows = input_ids.reshape(-1)
-        qw = quant.QuantizedWeight(t.qweight[rows], t.scales[rows], t.qzeros[rows], t.bits, t.group_size, t.in_features)
-        out = quant.dequantize(qw)
-        sparse = t.outliers()
-        if sparse is not None:
-            out = out + sparse.dense_rows(rows)
+        out = t.dense_rows(input_ids.reshape(-1)).to(self.dtype_probe.device)
         if self.embed_scale is not None:
             out = out * self.embed_scale
         return out.reshape(*input_ids.shape, t.in_features).to(self.dtype_probe.dtype)
 
 
-RUNTIME_MODULES: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (QLinear, QEmbedding)}
+class GgmlLinear(torch.nn.Module):
+    """A linear layer stored in one llama.cpp type: the GGUF tensor data as it will be exported.
+
+    Compiled with ``--target gguf``, the artifact holds exactly the bytes ``mqc export --gguf``
+    writes, so what mqc evaluates is what llama.cpp runs. torch has no kernels for these
+    formats: the weight is decoded once (by the ``gguf`` package) and kept dense, as
+    :class:`QLinear`'s CPU path does; deployment is llama.cpp's job.
+    """
+
+    kind: ClassVar[str] = "ggml_linear"
+
+    def __init__(self, out_features: int, in_features: int, fmt: str, has_bias: bool = False):
+        super().__init__()
+        self.out_features, self.in_features, self.fmt = out_features, in_features, fmt
+        row_bytes = quant_ggml.tensor_bytes(fmt, 1, in_features)
+        self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if has_bias else None)
+
+    @classmethod
+    def from_ggml(cls, gw: quant_ggml.GgmlWeight, bias: torch.Tensor | None) -> "GgmlLinear":
+        module = cls(gw.out_features, gw.in_features, gw.fmt, bias is not None)
+        module.blocks.copy_(gw.blocks)
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        return module
+
+    def _apply(self, fn, recurse=True):
+        """Move, never cast: the blocks are bytes and the bias is stored in F32, as GGUF keeps it."""
+        probe = fn(torch.empty(0, device=self.blocks.device))
+        return super()._apply(lambda t: t.to(device=probe.device), recurse)
+
+    def config(self) -> dict[str, Any]:
+        return dict(out_features=self.out_features, in_features=self.in_features, fmt=self.fmt, has_bias=self.bias is not None)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> "GgmlLinear":
+        return cls(**config)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def ggml_weight(self) -> quant_ggml.GgmlWeight:
+        return quant_ggml.GgmlWeight(self.fmt, self.blocks, self.in_features)
+
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return quant_ggml.dequantize(self.ggml_weight(), rows.cpu()).to(self.blocks.device)
+
+    def cached_dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The decoded weight, memoised until the blocks change (in place or by a move)."""
+        stamp = (dtype, self.blocks.device, self.blocks._version, id(self.blocks))
+        if getattr(self, "_dense_stamp", None) != stamp:
+            self._dense = quant_ggml.dequantize(self.ggml_weight()).to(device=self.blocks.device, dtype=dtype)
+            self._dense_stamp = stamp
+        return self._dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.cached_dense_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt}"
+
+
+RUNTIME_MODULES: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (QLinear, QEmbedding, GgmlLinear)}
 
 
 def register_runtime_module(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
