@@ -165,17 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--json", action="store_true")
 
-    x = sub.add_parser("export", help="export an artifact or model for onnxruntime")
+    x = sub.add_parser("export", help="export an artifact or model for onnxruntime or llama.cpp")
     x.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
-    x.add_argument("--onnx", required=True, metavar="OUT_DIR", help="directory to write the ONNX graphs to")
-    x.add_argument("--force", action="store_true", help="replace an existing export at OUT_DIR")
+    fmt = x.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--onnx", metavar="OUT_DIR", help="directory to write the ONNX graphs to")
+    fmt.add_argument(
+        "--gguf",
+        metavar="OUT_FILE",
+        help="GGUF file for llama.cpp: an artifact compiled with --target gguf (a float model: F16)",
+    )
+    x.add_argument("--force", action="store_true", help="replace an existing export (--gguf: only one mqc wrote)")
     x.add_argument(
         "--accuracy-level",
         type=int,
         choices=[0, 1, 4],
-        default=4,
-        help="MatMulNBits activations: 4 int8 (fast, default), 0 float32 (matches the torch runtime)",
+        help="--onnx: MatMulNBits activations: 4 int8 (fast, default), 0 float32 (matches the torch runtime)",
     )
+    x.add_argument("--json", action="store_true", help="print what was written as JSON")
 
     g = sub.add_parser("generate", help="generate text with a model or artifact")
     g.add_argument("model", nargs="?", help="artifact dir, local HF model dir, or 'default'")
@@ -344,12 +350,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.gguf:
+        return _export_gguf(args)
     from mqc.export import export_onnx
+    from mqc.export.onnx import DEFAULT_ACCURACY_LEVEL
     from mqc.models import load_any
 
     model, tokenizer = load_any(args.model)
-    out = export_onnx(model, tokenizer, args.onnx, force=args.force, accuracy_level=args.accuracy_level)
-    print(f"exported to {out}")
+    level = DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level
+    out = export_onnx(model, tokenizer, args.onnx, force=args.force, accuracy_level=level)
+    print(json.dumps({"onnx": str(out)}) if args.json else f"exported to {out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from mqc.export import export_gguf
+
+    if args.accuracy_level is not None:
+        raise MqcError("--accuracy-level applies to --onnx only; a GGUF file stores no activation type")
+    result = export_gguf(args.model, args.gguf, force=args.force)
+    print(json.dumps(result.to_dict()) if args.json else result.summary())
     return 0
 
 
