@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mqc import __version__, quant
+from mqc import __version__, quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.units import choice_label
 
@@ -116,7 +116,7 @@ def layer_table(plan_rows: list[dict[str, Any]]) -> str:
         shape = f"{r['out_features']}x{r['in_features']}"
         bits = quant.average_bits(r["bytes"], r["out_features"] * r["in_features"])
         lines.append(
-            f"{r['qualname']:<{width}}  {shape:>13}  {r['bits']:>4}  {r['group_size']:>5}  {r['n_outliers']:>8}  {r['bytes']:>11,}  {bits:>8.3f}"
+            f"{r['qualname']:<{width}}  {shape:>13}  {r.get('fmt') or r['bits']:>4}  {r['group_size']:>5}  {r['n_outliers']:>8}  {r['bytes']:>11,}  {bits:>8.3f}"
         )
     t = totals(plan_rows)
     lines.append(
@@ -190,6 +190,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _label_bits(label: str) -> float:
+    """x position of a choice label: its width ("4/g64" -> 4), or a llama.cpp type's bits per weight."""
+    if label in quant_ggml.TYPES:
+        return quant_ggml.TYPES[label].bits_per_weight
+    return 16.0 if label == quant_ggml.F16 else float(label.split("/")[0])
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Per-layer widths; each layer's cost curve over widths (best group size per width); the
     search's measured KL per generation."""
@@ -211,16 +218,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if costs:
         ax = axes[0][1]
         for entry in costs["per_unit"].values():
-            best: dict[int, float] = {}
+            best: dict[float, float] = {}
             for label, value in entry.items():
-                bits = int(label.split("/")[0])
+                bits = _label_bits(label)
                 best[bits] = min(best.get(bits, float("inf")), value)
             curve = sorted(best.items())
             ax.plot([b for b, _ in curve], [max(v, 1e-12) for _, v in curve], alpha=0.35, lw=0.8)
         ax.set_yscale("log")
-        ax.set_xlabel("bits")
+        ax.set_xlabel("bits (llama.cpp types: bits per weight with block scales)")
         ax.set_ylabel(f"cost ({costs['kind']})")
-        ax.set_title("cost curves, one line per layer (best group size per width)")
+        ax.set_title("cost curves, one line per layer (best option per width)")
     if search:
         ax = axes[0][panels - 1]
         ax.plot(range(len(search["trace"]) + 1), [search["start_kl"]] + search["trace"], "o-", ms=3)

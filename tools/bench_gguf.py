@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mqc.models import cache_dir
+from mqc.quant_ggml import ALL_TYPES  # the types mqc can write into a GGUF
 
 PROG = "bench_gguf"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,11 +74,9 @@ PEER = ROOT / "tools" / "llamacpp_peer.py"
 LLAMACPP_VENV = cache_dir() / "llamacpp-venv"
 LLAMACPP_PYTHON = LLAMACPP_VENV / "bin" / "python"
 MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
-# the types mqc can write into a GGUF (mqc.quant_ggml.ALL_TYPES); ``--gguf-types`` of a choice set
-GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
 CHOICE_SETS: dict[str, tuple[str, ...] | None] = {
     "all": None,  # no --gguf-types: every type
-    "no_q41_q51": tuple(t for t in GGUF_TYPES if t not in ("Q4_1", "Q5_1")),
+    "no_q41_q51": tuple(t for t in ALL_TYPES if t not in ("Q4_1", "Q5_1")),
 }
 EXTRA_SIZE = "4.5bpw"  # below every mix on this model: compared with Q2_K, the smallest
 SMALLEST_MIX = "Q2_K"

@@ -12,6 +12,10 @@ With outliers, the positions are chosen under the same quantizer that keeps them
 without outliers, the weights with the largest ``(W - W_gptq)^2 * E[x_j^2]`` become the mask, and
 GPTQ runs again with them held exact.
 
+A plan for GGUF (``target="gguf"``) has llama.cpp's types as choices: each is encoded by
+:func:`mqc.quant_ggml.encode_batch` (grids fitted per block, GPTQ onto them) into the very bytes
+the GGUF file will hold, and a type is offered only to units whose rows are whole blocks of it.
+
 Each candidate also records its per-output-channel error ``diag(dW H dW^T)`` (the mean squared
 error each output channel sees on calibration inputs), from which the cost models are built.
 """
