@@ -133,7 +133,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         budget = f", budget {z['budget_bpw']:.3f} bpw ({z['budget_bytes'] / 1e6:.2f} MB)" if "budget_bpw" in z else ""
         lines.append(
             f"whole model: {z['total_bytes'] / 1e6:.2f} MB, {z['bpw']:.3f} bits/weight over {z['params']:,} parameters "
-            f"(every tensor: {z['plan_bytes'] / 1e6:.2f} MB planned + {z['fixed_bytes'] / 1e6:.2f} MB kept in fp16){budget}"
+            f"(every tensor: {z['plan_bytes'] / 1e6:.2f} MB planned + {z['fixed_bytes'] / 1e6:.2f} MB other tensors: fp16, F32 norms in a GGUF){budget}"
         )
     lines.append(
         f"planned {t['layers']} tensors, {t['weights']:,} weights: {t['bytes'] / 2**20:.2f} MiB "
