@@ -106,9 +106,7 @@ def unit_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -
 
 def smallest_plan_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
     """Bytes of the smallest plan the recipe allows: known from the shapes alone, before any analysis."""
-    return sum(
-min(plan_for(u, c, recipe).nbytes for c in allowed_choices(u, recipe)) for u in units.values()
-    )
+    return sum(min(plan_for(u, c, recipe).nbytes for c in allowed_choices(u, recipe)) for u in units.values())
 
 
 def check_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -> int:
@@ -142,7 +140,7 @@ class AllocateBits(Pass):
         recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.COSTS]
         names = list(units)
         options: list[list[LayerPlan]] = [
-[plan_for(units[n], c, recipe) for c in allowed_choices(units[n], recipe)] for n in names
+            [plan_for(units[n], c, recipe) for c in allowed_choices(units[n], recipe)] for n in names
         ]
         costs = [[table.costs[n][choice_of(e)] for e in opts] for n, opts in zip(names, options)]
         sizes = [[e.nbytes for e in opts] for opts in options]

@@ -103,7 +103,7 @@ def unit_candidates(
     for start in range(0, len(quantized), per_call):
         batch = quantized[start : start + per_call]
         if isinstance(batch[0], str):  # llama.cpp types (a GGUF plan): never outliers
-            importance = torch.diag(hessian) if hessian is not None else energy
+            importance = None if hessian is not None else energy  # encode_batch weights by diag(H) itself
             for choice, gw in zip(batch, quant_ggml.encode_batch(weight, batch, importance, hessian)):
                 out[choice] = Candidate(plans[choice], gw, None, row_error(quant_ggml.dequantize(gw) - weight, hessian))
             continue
