@@ -7,6 +7,7 @@ Python API::
     compiled = mqc.compile(model, mqc.Recipe(method="mq", bits=3.0, outlier_frac=0.005), tokenizer=tok)
     mqc.save(compiled, "out/smol-mq3")
     model, tok = mqc.load("out/smol-mq3")
+    result = mqc.evaluate("out/smol-mq3", suite="quick")   # against its source: ppl, KL, agreement, ...
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 from mqc import runtime as _runtime  # noqa: E402,F401  (registers the mqc:: custom ops)
 from mqc.api import CompiledModel, compile, default_pipeline  # noqa: E402
 from mqc.errors import MqcError  # noqa: E402
+from mqc.evaluation import evaluate  # noqa: E402
 from mqc.models import load_any, load_hf_model, tiny_model  # noqa: E402
 from mqc.passes.base import CompileContext, Pass, PassManager, PassResult  # noqa: E402
 from mqc.recipe import CalibRecipe, KVRecipe, Pin, Recipe  # noqa: E402
@@ -32,6 +34,7 @@ __all__ = [
     "Recipe",
     "compile",
     "default_pipeline",
+    "evaluate",
     "load",
     "load_any",
     "load_hf_model",

@@ -153,10 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    e = sub.add_parser("eval", help="perplexity of a model or artifact")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a model or artifact against its full-precision source: perplexity, KL, agreement, "
+        "per-genre and long-context perplexity, activation/KV settings",
+    )
     e.add_argument("model", help="artifact dir, local HF model dir, or 'default'")
-    _add_eval_args(e)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--suite", choices=["quick", "full"], default="quick", help="quick (default, minutes) or full")
+    e.add_argument("--reference", help="full-precision model to compare with (default: the artifact's source)")
+    e.add_argument("--settings", help="comma-separated: W, W+A8, W+A4, W+KV4, W+A8+KV4 (default: the suite's)")
+    e.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant-style smoothing for the A settings (e.g. 0.5)")
+    e.add_argument("--text", action="append", default=[], help="also report perplexity on this text file (repeatable)")
+    e.add_argument("--eval-file", help="main text instead of the Brown evaluation split (no per-genre results)")
+    e.add_argument("--eval-tokens", type=int, help="main-text tokens scored (default: the suite's)")
+    e.add_argument("--context", type=int, help="window for perplexity/KL (default 512)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     i = sub.add_parser("inspect", help="print an artifact's per-layer plan")
     i.add_argument("artifact")
@@ -205,10 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(model, tokenizer, args) -> tuple[float, int]:
-    from mqc.data import perplexity, token_stream
+    from mqc.data import bos_id, perplexity, token_stream
 
     ids = token_stream(tokenizer, "eval", args.eval_file)
-    ppl = perplexity(model, ids, context=args.context, max_tokens=args.eval_tokens)
+    ppl = perplexity(model, ids, context=args.context, max_tokens=args.eval_tokens, bos=bos_id(tokenizer))
     return ppl, min(ids.numel(), args.eval_tokens)
 
 
@@ -273,14 +284,34 @@ def cmd_compile(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mqc.models import load_any
+    import mqc
+    from mqc.evaluation import report
 
-    model, tokenizer = load_any(args.model)
-    if tokenizer is None:
-        raise MqcError(f"{args.model} has no tokenizer; perplexity on text needs one")
-    ppl, tokens = _evaluate(model, tokenizer, args)
-    result = {"model": args.model, "perplexity": ppl, "tokens": tokens, "context": args.context}
-    print(json.dumps(result) if args.json else f"perplexity {ppl:.3f} on {tokens} tokens (context {args.context})")
+    settings = [s for s in args.settings.split(",") if s.strip()] if args.settings else None
+    result = mqc.evaluate(
+        args.model,
+        reference=args.reference,
+        suite=args.suite,
+        settings=settings,
+        eval_file=args.eval_file,
+        texts=args.text,
+        eval_tokens=args.eval_tokens,
+        context=args.context,
+        smooth=args.smooth,
+    ).to_dict()
+    written = []
+    if (Path(args.model) / "manifest.json").is_file():
+        written = report.write(result, args.model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(report.table(result))
+    genres = report.genre_table(result)
+    if genres:
+        print()
+        print(genres)
+    if written:
+        print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
 
 

@@ -12,6 +12,11 @@ Perplexity: the evaluation tokens are cut into windows of ``context`` tokens sta
 ``stride`` tokens; each window scores only the tokens not scored by the previous one (with
 ``stride == context``, the default, windows are disjoint and every token but a window's first is
 scored once). The token stream is the first ``max_tokens`` tokens of the split. No randomness.
+Where the model's tokenizer starts a sequence with BOS (Gemma, Llama 2/3, ...), every window
+starts with it, as llama.cpp's perplexity does: such models are far off their training
+distribution without it. The window then holds ``context - 1`` text tokens and scores the same
+text tokens as without BOS (all but the window's first), so the protocol differs only in the
+leading token.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -79,18 +85,50 @@ def _untag(raw: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+# The Brown corpus's 15 categories, by the letter after the "c" of a document's file name.
+BROWN_GENRES = {
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles-lettres",
+    "h": "government documents",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery",
+    "m": "fiction: science",
+    "n": "fiction: adventure",
+    "p": "fiction: romance",
+    "r": "humor",
+}
+
+
 def brown_documents() -> list[tuple[str, str]]:
     files = sorted(p for p in brown_dir().iterdir() if _DOC_NAME.match(p.name))
     return [(p.name, _untag(p.read_text(encoding="utf-8", errors="replace"))) for p in files]
 
 
-def brown_split(part: str) -> str:
-    """Text of the ``"calib"`` or ``"eval"`` part of the Brown corpus."""
+def brown_split_documents(part: str) -> list[tuple[str, str]]:
+    """``(file name, text)`` of the documents in the ``"calib"`` or ``"eval"`` part."""
     if part not in ("calib", "eval"):
         raise ValueError(f"part must be 'calib' or 'eval', got {part!r}")
     docs = brown_documents()
-    chosen = [text for i, (_, text) in enumerate(docs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == (part == "eval")]
-    return "\n\n".join(chosen)
+    return [doc for i, doc in enumerate(docs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == (part == "eval")]
+
+
+def brown_split(part: str) -> str:
+    """Text of the ``"calib"`` or ``"eval"`` part of the Brown corpus."""
+    return "\n\n".join(text for _, text in brown_split_documents(part))
+
+
+def brown_genres(part: str = "eval") -> dict[str, list[tuple[str, str]]]:
+    """The documents of ``part`` grouped by Brown category (name -> ``(file name, text)`` list)."""
+    grouped: dict[str, list[tuple[str, str]]] = {name: [] for name in BROWN_GENRES.values()}
+    for name, text in brown_split_documents(part):
+        grouped[BROWN_GENRES[name[1]]].append((name, text))
+    return {genre: docs for genre, docs in grouped.items() if docs}
 
 
 def _decode_text_file(path: str | Path) -> str:
@@ -147,6 +185,40 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` starts every encoded text with it (its default), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def eval_windows(
+    ids: torch.Tensor, context: int, stride: int | None = None, bos: int | None = None
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(window, first)`` per window of the protocol (module docstring): the model input, and the
+    index of the first of ``window[1:]`` that is scored (earlier ones were scored by the window
+    before, or are the text's first token after BOS)."""
+    span = context - (bos is not None)  # text tokens per window
+    stride = stride or span
+    if span < 2 or not 0 < stride <= span:
+        raise ValueError(f"stride {stride} must be in (0, {span}] and context {context} hold 2 text tokens")
+    if ids.numel() < 2:
+        raise DataError("evaluation text is too short: need at least 2 tokens")
+    prefix = ids.new_tensor([bos] if bos is not None else [])
+    scored_until = 1  # text positions before this are scored (position 0 never is)
+    for start in range(0, ids.numel() - 1, stride):
+        text = ids[start : start + span]
+        if text.numel() < 2:
+            return
+        # text position p is target index p - start - 1 + len(prefix)
+        yield torch.cat([prefix, text]), max(scored_until, start + 1) - start - 1 + prefix.numel()
+        scored_until = start + text.numel()
+        if scored_until >= ids.numel():
+            return
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -155,28 +227,16 @@ def perplexity(
     stride: int | None = None,
     max_tokens: int | None = DEFAULT_EVAL_TOKENS,
     progress: bool = True,
+    bos: int | None = None,
 ) -> float:
     """Perplexity of ``model`` on a 1-D token stream (see module docstring for the protocol)."""
-    stride = stride or context
-    if not 0 < stride <= context:
-        raise ValueError(f"stride {stride} must be in (0, context={context}]")
     ids = ids[:max_tokens] if max_tokens else ids
-    if ids.numel() < 2:
-        raise DataError("evaluation text is too short: need at least 2 tokens")
     device = next(model.parameters()).device
-    nll, count, scored_until = 0.0, 0, 0
-    starts = range(0, max(ids.numel() - 1, 1), stride)
-    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
-        window = ids[start : start + context].to(device)
-        if window.numel() < 2:
-            break
-        logits = model(input_ids=window[None]).logits[0, :-1].float()
-        targets = window[1:]
-        first_new = max(scored_until - start - 1, 0)  # skip tokens the previous window scored
-        loss = torch.nn.functional.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum")
-        nll += loss.item()
-        count += targets.numel() - first_new
-        scored_until = start + window.numel()
-        if scored_until >= ids.numel():
-            break
+    nll, count = 0.0, 0
+    windows = list(eval_windows(ids, context, stride, bos))
+    for window, first in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        window = window.to(device)
+        logits = model(input_ids=window[None]).logits[0, first:-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
+        count += window.numel() - 1 - first
     return math.exp(nll / count)

@@ -127,6 +127,17 @@ def default_model_dir() -> Path:
     return target
 
 
+def model_source(model: torch.nn.Module) -> str | None:
+    """Where ``model`` was loaded from, as :func:`resolve_model_dir` takes it back: ``"default"``,
+    an absolute directory, or None (built in memory). Artifacts record it so that evaluation can
+    compare them with their full-precision source."""
+    origin = getattr(model.config, "_name_or_path", "") or ""
+    if not origin or not Path(origin).is_dir():
+        return None
+    path = Path(origin).resolve()
+    return "default" if path == (cache_dir() / "models" / DEFAULT_MODEL).resolve() else str(path)
+
+
 def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
     if spec is None or str(spec) in ("default", DEFAULT_MODEL):
         return default_model_dir()

@@ -535,3 +535,35 @@ def n_outliers_for(out_features: int, in_features: int, outlier_frac: float) -> 
 
 def average_bits(total_bytes: int, n_weights: int) -> float:
     return 8.0 * total_bytes / n_weights
+
+
+# --------------------------------------------------------------------------------------------
+# activations and KV cache (evaluation settings: values are quantized and used at once, never stored)
+# --------------------------------------------------------------------------------------------
+def fake_quantize_rows(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False) -> torch.Tensor:
+    """``x`` rounded to nearest on a grid per group of ``group_size`` along the last dim (None: the
+    whole row), in ``x``'s dtype.
+
+    Symmetric: ``s = max|x| / (2^(b-1) - 1)``, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (per-token
+    int8/int4 activations, as W8A8 kernels take them). Asymmetric: the group's own min/max,
+    ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)`` (a KV cache per token, as KIVI's
+    values). Scales stay float32: these are the numerics of a kernel's registers, not of a
+    stored format. A group that is all zeros stays zeros.
+    """
+    size = x.shape[-1]
+    group = group_size or size
+    if size % group:
+        raise ValueError(f"last dim {size} is not a multiple of the group size {group}")
+    xg = x.float().reshape(-1, size // group, group)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xg.abs().amax(-1, keepdim=True) / qmax).clamp(min=tiny)
+        out = (xg / scale).round().clamp(-qmax, qmax) * scale
+    else:
+        levels = 2**bits - 1
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / levels).clamp(min=tiny)
+        zero = (-lo / scale).round()
+        out = (((xg / scale).round() + zero).clamp(0, levels) - zero) * scale
+    return out.reshape(x.shape).to(x.dtype)

@@ -26,10 +26,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``): speed depends on it, and it changes between sessions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        if cpuinfo.is_file()
+        else []
+    )
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
+    """Where a measurement ran, for every JSON the benchmarks and reports write."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -179,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -234,6 +247,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("generation")
         ax.set_ylabel("measured KL to full precision (nats/token)")
         ax.set_title("search")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -245,7 +265,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     paths = [out / "report.json", out / "report.md", out / "report.png"]
-    _atomic_write(paths[0], json.dumps(report, indent=2, default=str).encode())
-    _atomic_write(paths[1], markdown(report).encode())
+    atomic_write(paths[0], json.dumps(report, indent=2, default=str).encode())
+    atomic_write(paths[1], markdown(report).encode())
     plot(report, paths[2])
     return paths

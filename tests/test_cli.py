@@ -46,8 +46,12 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert {r["bits"] for r in info["plan"]} == {4} and info["totals"]["layers"] == 14
 
-    assert main(["eval", str(out), "--eval-file", str(text), "--context", "64", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert main(["eval", str(out), "--eval-file", str(text), "--context", "64", "--settings", "W,W+KV4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == str(model_dir.resolve())  # the source the artifact recorded
+    assert [r["setting"] for r in result["rows"]] == ["W", "W+KV4"] and result["rows"][0]["ppl"] > 1
+    assert 0 <= result["rows"][0]["kl"] and result["reference_row"]["ppl_by_context"] == {"2048": None, "4096": None}
+    assert json.loads((out / "eval.json").read_text())["rows"] == result["rows"] and (out / "eval.png").is_file()
 
     assert main(["generate", str(out), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
     new_tokens = json.loads(capsys.readouterr().out)["tokens"]
@@ -81,6 +85,8 @@ def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
         (["inspect", "/nonexistent/art"], "not found"),
         (["compile", "--method", "rtn", "--bits", "2.5", "--out", "x"], "rtn needs one width"),
         (["eval", "/tmp"], "no config.json"),
+        (["eval", "default", "--settings", "W+A3"], "unknown setting"),
+        (["eval", "default", "--text", "/nonexistent.txt"], "not found"),
         (["compile", "--method", "mq", "--size", "3.5 bits", "--out", "x"], "size '3.5 bits' not understood"),
         (["compile", "--method", "rtn", "--size", "3.5bpw", "--out", "x"], "needs --method mq"),
         (["compile", "--size", "3bpw,3bpw", "--out", "x"], "names a size twice"),
@@ -176,3 +182,15 @@ def test_compile_and_inspect_low_rank_kv(tiny_dir, tmp_path, capsys):
     assert "KV cache at 100 tokens" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv"]["sinks"] == 2
+
+
+def test_eval_of_an_artifact_without_a_recorded_source_asks_for_reference(tiny_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model_dir, _ = tiny_dir
+    compiled = mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(bits=4, group_size=32), calib=torch.randint(0, 20, (2, 16)))
+    compiled.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = mqc.save(compiled, tmp_path / "art")
+    assert json.loads((out / "manifest.json").read_text())["source"] is None  # built in memory
+    assert main(["eval", str(out)]) == 2
+    assert "does not record its source model; pass --reference" in capsys.readouterr().err

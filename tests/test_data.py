@@ -90,6 +90,18 @@ def test_split_is_disjoint_and_covers_every_document(brown):
     assert len(calib) + len(evaluation) == sum(len(t) for _, t in docs) + 2 * (399 + 99)
 
 
+def test_genres_are_disjoint_and_cover_the_eval_split(brown):
+    _, _, evaluation = brown
+    genres = data.brown_genres("eval")
+    assert len(genres) == 15 and set(genres) == set(data.BROWN_GENRES.values())
+    names = [name for docs in genres.values() for name, _ in docs]
+    assert len(names) == len(set(names)) == 100  # disjoint, every eval document once
+    assert sorted(names) == [name for name, _ in data.brown_split_documents("eval")]
+    for genre, docs in genres.items():
+        assert all(data.BROWN_GENRES[name[1]] == genre for name, _ in docs)
+    assert sum(len(text) for docs in genres.values() for _, text in docs) + 2 * 99 == len(evaluation)
+
+
 def test_split_is_deterministic(brown):
     _, calib, evaluation = brown
     assert hashlib.sha256(data.brown_split("eval").encode()).digest() == hashlib.sha256(evaluation.encode()).digest()
@@ -230,6 +242,50 @@ def test_tiny_model_perplexity_is_deterministic_and_hand_computable(zoo):
             count += len(window) - 1
     assert count == 31 + 31 + 5
     assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def _tokenizer(bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "the": 2, "jury": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>")
+
+
+def test_bos_id_follows_what_the_tokenizer_adds():
+    assert data.bos_id(_tokenizer(bos=True)) == 1
+    assert data.bos_id(_tokenizer(bos=False)) is None  # has a BOS token, but does not add it
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_windows_with_bos_start_with_it_and_score_the_same_text_tokens(stride):
+    ids = torch.arange(10, 40)
+    context, bos = 8, 99
+    plain = list(data.eval_windows(ids, context - 1, stride))  # the same text span without BOS
+    with_bos = list(data.eval_windows(ids, context, stride, bos=bos))
+    assert len(plain) == len(with_bos)
+    for (w0, f0), (w1, f1) in zip(plain, with_bos, strict=True):
+        assert int(w1[0]) == bos and w1.numel() <= context and torch.equal(w1[1:], w0)
+        assert torch.equal(w1[1:][f1:], w0[1:][f0:]) and f1 == f0 + 1  # same targets scored
+    scored = [int(t) for w, f in with_bos for t in w[f + 1 :]]
+    assert len(scored) == len(set(scored))  # each scored once
+    assert set(scored) <= set(range(11, 40)) and (stride is None or set(scored) == set(range(11, 40)))
+
+
+def test_perplexity_with_bos_scores_each_window_after_bos():
+    model = FixedDistribution(torch.randn(50, generator=torch.Generator().manual_seed(3)))
+    ids = torch.randint(0, 49, (40,), generator=torch.Generator().manual_seed(4))
+    calls = []
+    forward = model.forward
+    model.forward = lambda input_ids: calls.append(input_ids[0].clone()) or forward(input_ids)
+    ppl = data.perplexity(model, ids, context=16, bos=49, progress=False)
+    assert all(int(w[0]) == 49 and w.numel() <= 16 for w in calls)
+    scored = [i for i in range(1, 40) if i % 15 != 0]  # windows of 15 text tokens, first not scored
+    assert ppl == pytest.approx(math.exp(sum(model.nll(int(ids[i])) for i in scored) / len(scored)), rel=1e-6)
 
 
 def test_perplexity_argument_errors():

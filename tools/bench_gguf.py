@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from mqc.models import cache_dir
 from mqc.quant_ggml import ALL_TYPES  # the types mqc can write into a GGUF
+from mqc.report import machine
 
 PROG = "bench_gguf"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -560,21 +561,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchError(f"cannot create --workdir {args.workdir} ({exc.strerror})") from None
 
 
-def machine_info() -> dict:
-    """``mqc.report.machine()`` (as bench_quality) plus the CPU model, which decode speed depends on."""
-    from mqc.report import machine
-
-    info = machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = (
-        [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        if cpuinfo.is_file()
-        else []
-    )
-    info["cpu_model"] = names[0] if names else info.get("processor")
-    return info
-
-
 def run(args: argparse.Namespace) -> dict:
     check_args(args)
     start = time.perf_counter()
@@ -603,7 +589,7 @@ def run(args: argparse.Namespace) -> dict:
             "compile": "mqc compile --target gguf --size <sizes> --out <workdir>/<set> [--gguf-types ...] "
             + args.compile_args,
         },
-        "machine": machine_info(),
+        "machine": machine(),
         "f32_ppl": None,
         "sizes": [],
         "rows": [],

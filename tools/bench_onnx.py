@@ -36,7 +36,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -341,12 +340,6 @@ def environment() -> dict:
         info["onnxruntime_genai"] = onnxruntime_genai.__version__
     except ImportError:
         info["onnxruntime_genai"] = None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        info["cpu_model"] = names[0] if names else platform.processor()
     return info
 
 

@@ -3,7 +3,8 @@
 Layout::
 
     manifest.json       format + version, per-module kinds and configs, the plan with bytes,
-                        the recipe, the sha256 and size of the tensor file
+                        the recipe, the sha256 and size of the tensor file, the source model
+                        (``"default"``, its directory, or null: what ``mqc eval`` compares with)
     model.safetensors   every stored tensor: packed codes, fp16 scales/zeros/outliers, and the
                         remaining float tensors (norms, 16-bit layers) in fp16
     config.json         the base model's HF config
@@ -33,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mqc import __version__
 from mqc.errors import ArtifactError
+from mqc.models import model_source
 from mqc.runtime.modules import RUNTIME_MODULES
 
 FORMAT = "mqc-artifact"
@@ -104,6 +106,7 @@ def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[
             "format_version": FORMAT_VERSION,
             "mqc_version": __version__,
             "model_type": model.config.model_type,
+            "source": model_source(model),
             "attn_implementation": model.config._attn_implementation,
             "modules": runtime_modules(model),
             "aliases": aliases,

@@ -1,0 +1,99 @@
+"""Evaluating a compressed model the way a user chooses between compressions (qllm-eval's axes).
+
+``mqc.evaluate(model)`` compares a model or artifact with its full-precision reference:
+perplexity, KL and top-1/greedy agreement, per-genre and long-context perplexity, under weight,
+activation and KV-cache settings. :mod:`.suite` runs it, :mod:`.settings` holds the W/A/KV
+settings, :mod:`.reference` caches the reference's side, :mod:`.report` prints and plots it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mqc.errors import MqcError
+from mqc.evaluation.suite import SUITES, EvalResult, Suite, run_suite
+
+__all__ = ["SUITES", "EvalResult", "Suite", "evaluate"]
+
+
+def _load(spec) -> tuple[torch.nn.Module, object, str | None, bool]:
+    """(model, tokenizer, recorded source, is an artifact) of a model spec."""
+    from mqc.models import load_any, resolve_model_dir
+
+    path = resolve_model_dir(spec)
+    model, tokenizer = load_any(path)
+    if (path / "manifest.json").is_file():
+        from mqc.runtime.artifact import read_manifest
+
+        return model, tokenizer, read_manifest(path).get("source"), True
+    return model, tokenizer, None, False
+
+
+def evaluate(
+    model: str | os.PathLike | torch.nn.Module = "default",
+    *,
+    tokenizer=None,
+    reference: str | os.PathLike | torch.nn.Module | None = None,
+    suite: str | Suite = "quick",
+    settings: Sequence[str] | None = None,
+    eval_file: str | os.PathLike | None = None,
+    texts: Sequence[str | os.PathLike] = (),
+    eval_tokens: int | None = None,
+    context: int | None = None,
+    smooth: float | None = None,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` (an artifact, a local HF dir, ``"default"``, or a loaded module with its
+    ``tokenizer``) against ``reference``: by default an artifact's recorded source, else the model
+    itself (then only its own perplexities are informative)."""
+    if isinstance(suite, str):
+        if suite not in SUITES:
+            raise MqcError(f"unknown suite {suite!r}; use {' or '.join(SUITES)}")
+        suite = SUITES[suite]
+    overrides = {"tokens": eval_tokens, "context": context}
+    suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
+    if settings is not None:
+        from mqc.evaluation.settings import Setting
+
+        settings = [Setting.parse(s).name for s in settings]  # refuse a typo before loading anything
+    from mqc.data import check_text_file
+
+    for file in (eval_file, *texts):
+        if file:
+            check_text_file(file)
+    name = "model" if isinstance(model, torch.nn.Module) else str(model)
+    source = None
+    if not isinstance(model, torch.nn.Module):
+        model, loaded_tokenizer, source, is_artifact = _load(model)
+        tokenizer = tokenizer or loaded_tokenizer
+        if is_artifact and reference is None and source is None:
+            raise MqcError(f"{name} does not record its source model; pass --reference MODEL_DIR (or 'default')")
+    if tokenizer is None:
+        raise MqcError(f"{name} has no tokenizer; evaluation on text needs one")
+    reference = reference if reference is not None else source
+    if reference is None:
+        ref_model, ref_name = model, name
+    elif isinstance(reference, torch.nn.Module):
+        ref_model, ref_name = reference, "reference"
+    else:
+        ref_model, _, _, _ = _load(reference)
+        ref_name = str(reference)
+    return run_suite(
+        model,
+        ref_model,
+        tokenizer,
+        suite,
+        settings=settings,
+        eval_file=eval_file,
+        texts=texts,
+        smooth=smooth,
+        names=(name, ref_name),
+        cache=cache,
+        progress=progress,
+    )

@@ -1,0 +1,288 @@
+"""The evaluation suite: one compressed model against its full-precision reference, on every axis.
+
+Per setting (:mod:`mqc.evaluation.settings`) a row holds:
+
+* ``ppl``, ``kl``, ``top1_agreement`` on the main text (Brown eval split or ``eval_file``),
+  ``context``-token windows (:func:`mqc.data.eval_windows`: BOS per window where the tokenizer
+  adds one): mean ``KL(p_ref || p_model)`` per scored token (:func:`mqc.kl.token_kl`, the KL the
+  allocator optimises) and the fraction of tokens whose argmax matches the reference's.
+* ``greedy_agreement``: greedy continuations of ``prompts`` fixed prompts (evenly spaced through
+  the main text); per prompt the fraction of ``new_tokens`` generated before the first token
+  that differs from the reference's continuation.
+* ``ppl_by_genre``: each of the Brown corpus's 15 categories (its eval-split documents).
+* ``ppl_by_context``: the first ``context_tokens`` tokens of the main text scored in windows of
+  each of ``contexts`` (2k/4k/8k), the same tokens at each length; a context beyond the model's
+  positions or the text's length is reported as None.
+* ``ppl_by_text``: any extra text files the user names.
+
+The reference runs the same protocol once (cached, :mod:`mqc.evaluation.reference`); its row is
+``reference`` in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mqc import data
+from mqc.errors import MqcError
+from mqc.evaluation import reference as refcache
+from mqc.evaluation.settings import SETTINGS, Setting, applied, smoothing_scales
+from mqc.kl import token_kl
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How much of each axis to measure; ``quick`` fits 5 minutes on 2 CPU cores for the default model."""
+
+    name: str
+    tokens: int  # main-text tokens scored for ppl / KL / top-1
+    genre_tokens: int  # per Brown category
+    contexts: tuple[int, ...]  # long-context window lengths
+    context_tokens: int  # main-text tokens scored at each of ``contexts``
+    prompts: int
+    new_tokens: int
+    settings: tuple[str, ...]
+    context: int = data.DEFAULT_CONTEXT
+    prompt_tokens: int = 16
+    genres: bool = True
+
+
+SUITES = {
+    "quick": Suite("quick", 4096, 512, (2048, 4096), 4096, 8, 32, ("W",)),
+    "full": Suite("full", 16384, 2048, (2048, 4096, 8192), 16384, 32, 64, SETTINGS),
+}
+
+
+@dataclass
+class Texts:
+    """Token ids of everything a suite scores, fixed for a tokenizer."""
+
+    main: torch.Tensor  # at most ``suite.tokens``: a shorter text is scored whole
+    by_genre: dict[str, torch.Tensor]
+    by_text: dict[str, torch.Tensor]
+    long: torch.Tensor
+    prompts: list[torch.Tensor]
+    bos: int | None
+
+    @classmethod
+    def of(
+        cls, tokenizer, suite: Suite, eval_file: str | Path | None = None, texts: Sequence[str | Path] = ()
+    ) -> Texts:
+        stream = data.token_stream(tokenizer, "eval", eval_file)
+        bos = data.bos_id(tokenizer)
+        prefix = [bos] if bos is not None else []
+        step = max(stream.numel() // max(suite.prompts, 1), 1)
+        prompts = [
+            torch.tensor(prefix + stream[i * step : i * step + suite.prompt_tokens].tolist())
+            for i in range(suite.prompts)
+        ]
+
+        def ids(text: str) -> torch.Tensor:
+            return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+        by_genre = {}
+        if suite.genres and eval_file is None:
+            for genre, docs in data.brown_genres("eval").items():
+                by_genre[genre] = ids("\n\n".join(text for _, text in docs))[: suite.genre_tokens]
+        by_text = {Path(t).name: ids(data.read_text_file(t))[: suite.tokens] for t in texts}
+        return cls(stream[: suite.tokens], by_genre, by_text, stream[: suite.context_tokens], prompts, bos)
+
+    def protocol(self, suite: Suite) -> dict[str, Any]:
+        def digest(t: torch.Tensor) -> str:
+            return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+        fields = {k: v for k, v in dataclasses.asdict(suite).items() if k not in ("name", "settings")}
+        return {
+            **fields,
+            "bos": self.bos,
+            "main": digest(self.main),
+            "genres": {g: digest(t) for g, t in self.by_genre.items()},
+            "texts": {n: digest(t) for n, t in self.by_text.items()},
+            "long": digest(self.long),
+            "prompts": [digest(p) for p in self.prompts],
+        }
+
+
+@dataclass
+class EvalResult:
+    model: str
+    reference: str
+    suite: str
+    reference_row: dict[str, Any]
+    rows: list[dict[str, Any]]
+    protocol: dict[str, Any]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _perplexity(
+    model, ids: torch.Tensor, context: int, bos: int | None, kwargs: Callable, desc: str, progress: bool
+) -> float:
+    windows = list(data.eval_windows(ids, context, bos=bos))
+    nll, count = 0.0, 0
+    for window, first in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        window = window.to(_device(model))
+        logits = model(input_ids=window[None], **kwargs()).logits[0, first:-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
+        count += window.numel() - 1 - first
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def _agreement(
+    model, texts: Texts, suite: Suite, kwargs: Callable, ref: refcache.Reference | None, writer, progress: bool
+) -> dict[str, float]:
+    """ppl, KL and top-1 agreement on the main text; the reference run fills ``writer`` instead."""
+    windows = list(data.eval_windows(texts.main, suite.context, bos=texts.bos))
+    nll = kl = top1 = 0.0
+    row = 0
+    for window, first in tqdm(windows, desc="ppl / KL / top-1", disable=not progress, leave=False):
+        window = window.to(_device(model))
+        logq = torch.log_softmax(model(input_ids=window[None], **kwargs()).logits[0, first:-1].float(), -1).cpu()
+        targets = window[first + 1 :].cpu()
+        nll -= float(logq.gather(1, targets[:, None]).sum())
+        argmax = logq.argmax(-1)
+        if writer is not None:
+            writer.add(logq, argmax)
+        else:
+            if logq.shape[-1] != ref.logprobs.shape[1]:
+                raise MqcError(
+                    f"the model has a {logq.shape[-1]}-token vocabulary, its reference {ref.logprobs.shape[1]}"
+                )
+            logp, ref_top1 = ref.rows(row, row + logq.shape[0])
+            kl += float(token_kl(logq, logp).sum())
+            top1 += float((argmax == ref_top1).sum())
+        row += logq.shape[0]
+    return {"ppl": math.exp(nll / row), "kl": kl / row, "top1_agreement": top1 / row, "tokens": row}
+
+
+def scored_rows(texts: Texts, suite: Suite) -> int:
+    return sum(w.numel() - 1 - f for w, f in data.eval_windows(texts.main, suite.context, bos=texts.bos))
+
+
+@torch.no_grad()
+def _greedy(model, prompts: list[torch.Tensor], new_tokens: int, kwargs: Callable, progress: bool) -> list[list[int]]:
+    out = []
+    for prompt in tqdm(prompts, desc="greedy continuations", disable=not progress, leave=False):
+        step = model(input_ids=prompt[None].to(_device(model)), use_cache=True, **kwargs())
+        tokens: list[int] = []
+        while True:
+            token = step.logits[0, -1].argmax()
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
+                break
+            step = model(input_ids=token.view(1, 1), past_key_values=step.past_key_values, use_cache=True)
+        out.append(tokens)
+    return out
+
+
+def _prefix_agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
+    fractions = []
+    for a, b in zip(ours, theirs, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        fractions.append(same / len(a))
+    return sum(fractions) / len(fractions) if fractions else float("nan")
+
+
+def _run(
+    model, texts: Texts, suite: Suite, setting: Setting, ref, writer, smooth, progress: bool
+) -> tuple[dict[str, Any], list[list[int]]]:
+    start = time.perf_counter()
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    with applied(model, setting, smooth) as kwargs:
+        row: dict[str, Any] = {
+            "setting": setting.name,
+            **_agreement(model, texts, suite, kwargs, ref, writer, progress),
+        }
+        greedy = _greedy(model, texts.prompts, suite.new_tokens, kwargs, progress)
+        row["greedy_agreement"] = None if ref is None else _prefix_agreement(greedy, ref.meta["greedy"])
+        row["ppl_by_genre"] = {
+            g: _perplexity(model, ids, suite.context, texts.bos, kwargs, f"genre: {g}", progress)
+            for g, ids in texts.by_genre.items()
+        }
+        row["ppl_by_context"] = {  # None: the model has fewer positions, or the text fewer tokens
+            str(c): None
+            if (positions and c > positions) or texts.long.numel() < c
+            else _perplexity(model, texts.long, c, texts.bos, kwargs, f"context {c}", progress)
+            for c in suite.contexts
+        }
+        row["ppl_by_text"] = {
+            n: _perplexity(model, ids, suite.context, texts.bos, kwargs, n, progress)
+            for n, ids in texts.by_text.items()
+        }
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row, greedy
+
+
+def reference_for(
+    model: torch.nn.Module, texts: Texts, suite: Suite, root: Path | None = None, progress: bool = True
+) -> refcache.Reference:
+    """The cached reference of ``model`` under this protocol, computed now on a miss."""
+    root = root or refcache.default_root()
+    key = refcache.protocol_key(refcache.model_fingerprint(model), texts.protocol(suite))
+    found = refcache.load(root, key)
+    if found is not None:
+        return found
+    writer = refcache.Writer(root, key, scored_rows(texts, suite), model.config.get_text_config().vocab_size)
+    try:
+        row, greedy = _run(model, texts, suite, Setting("W"), None, writer, None, progress)
+        return writer.commit({"protocol": texts.protocol(suite), "row": row, "greedy": greedy})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def run_suite(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module,
+    tokenizer,
+    suite: Suite,
+    *,
+    settings: Sequence[str] | None = None,
+    eval_file: str | Path | None = None,
+    texts: Sequence[str | Path] = (),
+    smooth: float | None = None,
+    names: tuple[str, str] = ("model", "reference"),
+    cache: Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` against ``reference_model`` (see the module docstring for the rows)."""
+    start = time.perf_counter()
+    parsed = [Setting.parse(s) for s in (settings or suite.settings)]
+    bundle = Texts.of(tokenizer, suite, eval_file, texts)
+    vocab = model.config.get_text_config().vocab_size
+    if vocab != reference_model.config.get_text_config().vocab_size:
+        raise MqcError(
+            f"{names[0]} and its reference {names[1]} have different vocabularies; pass the right --reference"
+        )
+    ref = reference_for(reference_model, bundle, suite, cache, progress)
+    scales = None
+    if smooth is not None and any(s.act_bits for s in parsed):
+        calib = data.calibration_batches(tokenizer, 8, suite.context)
+        scales = smoothing_scales(model, calib, smooth)
+    rows = []
+    for setting in parsed:
+        row, _ = _run(model, bundle, suite, setting, ref, None, scales if setting.act_bits else None, progress)
+        rows.append({"name": names[0], **row, "smooth": smooth if setting.act_bits else None})
+    reference_row = {"name": names[1], **ref.meta["row"]}
+    return EvalResult(
+        names[0], names[1], suite.name, reference_row, rows, ref.meta["protocol"], round(time.perf_counter() - start, 1)
+    )

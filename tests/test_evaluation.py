@@ -1,0 +1,175 @@
+"""Evaluation suite: settings numerics, agreement with the reference, the reference cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mqc
+from mqc import quant
+from mqc.errors import MqcError
+from mqc.evaluation import reference as refcache
+from mqc.evaluation import suite as suite_mod
+from mqc.evaluation.settings import FakeQuantKVCache, Setting, applied, linear_inputs
+from tests.conftest import sharp_tiny_llama
+
+SMALL = suite_mod.Suite("test", 192, 48, (128, 1024), 256, 3, 6, ("W",), context=64)
+
+
+def _reference_rows(x: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
+    """The grid of :func:`quant.fake_quantize_rows` written out per group in float32 numpy."""
+    out = np.empty_like(x)
+    tiny = np.finfo(np.float32).tiny
+    for r in range(x.shape[0]):
+        for g0 in range(0, x.shape[1], group):
+            v = x[r, g0 : g0 + group]
+            if symmetric:
+                qmax = np.float32(2 ** (bits - 1) - 1)
+                s = max(np.float32(np.abs(v).max() / qmax), tiny)
+                out[r, g0 : g0 + group] = np.clip(np.round(v / s), -qmax, qmax) * s
+            else:
+                levels = np.float32(2**bits - 1)
+                s = max(np.float32((v.max() - v.min()) / levels), tiny)
+                z = np.round(-v.min() / s)
+                out[r, g0 : g0 + group] = (np.clip(np.round(v / s) + z, 0, levels) - z) * s
+    return out
+
+
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    group=st.sampled_from([4, 32]),
+    bits=st.sampled_from([2, 4, 8]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+)
+def test_fake_quantize_rows_equals_the_reference(rows, groups, group, bits, symmetric, seed, scale):
+    x = torch.randn(rows, groups * group, generator=torch.Generator().manual_seed(seed)) * scale
+    x[0, :group] = 0.0  # an all-zero group stays zero
+    got = quant.fake_quantize_rows(x, bits, group, symmetric)
+    np.testing.assert_array_equal(got.numpy(), _reference_rows(x.numpy(), bits, group, symmetric))
+    assert torch.all(got[0, :group] == 0)
+    # rounding to nearest: never more than half a step away inside the group's range
+    step = (x.reshape(rows, groups, group).abs().amax(-1) / (2 ** (bits - 1) - 1)) if symmetric else None
+    if symmetric:
+        err = (got - x).abs().reshape(rows, groups, group).amax(-1)
+        assert torch.all(err <= step * 0.5 * (1 + 1e-5) + 1e-30)
+
+
+def test_fake_quantize_rows_by_hand():
+    x = torch.tensor([[-1.0, 0.0, 0.6, 1.0]])
+    assert quant.fake_quantize_rows(x, 4, symmetric=True)[0].tolist() == pytest.approx([-1.0, 0.0, 4 / 7, 1.0])
+    assert quant.fake_quantize_rows(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), 2).tolist() == [[0.0, 1.0, 2.0, 3.0]]
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quant.fake_quantize_rows(torch.zeros(1, 6), 4, 4)
+
+
+def test_settings_parse():
+    assert Setting.parse("W+A8+KV4") == Setting("W+A8+KV4", 8, 4)
+    assert Setting.parse("W") == Setting("W")
+    with pytest.raises(MqcError, match="unknown setting"):
+        Setting.parse("W+A3")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_quantized_kv_cache_prefill_equals_token_by_token_decode(zoo, family):
+    """Per-token grids: scoring a window at once sees what decoding it token by token would."""
+    model = zoo.pristine(family)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, past_key_values=FakeQuantKVCache(model.config, 4)).logits[0]
+        cache = FakeQuantKVCache(model.config, 4)
+        steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits[0, 0] for i in range(12)]
+        exact = model(input_ids=ids, use_cache=False).logits[0]
+    torch.testing.assert_close(torch.stack(steps), full, atol=2e-5, rtol=1e-5)
+    assert (full - exact).abs().max() > 1e-4  # and it did quantize
+    assert cache.layers[0].keys.shape[-2] == 12
+
+
+def test_activation_setting_quantizes_every_linear_input_but_the_head(zoo):
+    model = zoo.pristine("llama")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    seen: dict[str, torch.Tensor] = {}
+    targets = linear_inputs(model)
+    assert model.lm_head not in targets.values() and len(targets) == 14
+    with applied(model, Setting.parse("W+A8")) as kwargs:
+        assert kwargs() == {}
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0])) for n, m in targets.items()]
+        with torch.no_grad():
+            during = model(input_ids=ids).logits
+        for h in handles:
+            h.remove()
+    assert set(seen) == set(targets)
+    for x in seen.values():  # each token's row on its own int8 grid
+        codes = x / (x.abs().amax(-1, keepdim=True) / 127)
+        torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after) and not torch.equal(before, during)  # hooks gone afterwards
+
+
+def _run(model, reference, tokenizer, tmp_path, suite=SMALL, **kw):
+    return suite_mod.run_suite(model, reference, tokenizer, suite, cache=tmp_path, progress=False, **kw).to_dict()
+
+
+def test_model_against_itself_has_zero_kl_and_full_agreement(zoo, word_tokenizer, tmp_path):
+    model = zoo.pristine("llama")
+    result = _run(model, model, word_tokenizer, tmp_path, settings=["W"])
+    (row,), ref = result["rows"], result["reference_row"]
+    assert row["kl"] < 1e-6 and row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
+    assert row["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    assert row["ppl_by_genre"] == pytest.approx(ref["ppl_by_genre"], rel=1e-6) and len(row["ppl_by_genre"]) == 15
+    assert row["ppl_by_context"]["1024"] is None  # beyond the tiny model's 512 positions
+    assert row["tokens"] == 189  # 192 tokens in 64-token windows: all but each window's first
+
+
+def test_compressed_model_moves_away_from_its_reference(word_tokenizer, tmp_path):
+    reference = sharp_tiny_llama()
+    compiled = mqc.compile(
+        sharp_tiny_llama(), mqc.Recipe(bits=2, group_size=32), calib=torch.randint(0, 256, (4, 32))
+    ).model
+    result = _run(compiled, reference, word_tokenizer, tmp_path, settings=["W", "W+A4", "W+KV2"])
+    w, a4, kv2 = result["rows"]
+    assert 0 < w["kl"] and w["top1_agreement"] < 1 and w["ppl"] != result["reference_row"]["ppl"]
+    assert a4["kl"] != w["kl"] and kv2["kl"] != w["kl"]  # each setting changes the model's outputs
+
+
+def test_reference_is_cached_per_protocol(zoo, word_tokenizer, tmp_path, monkeypatch):
+    model = zoo.pristine("llama")
+    computed = []
+    real = suite_mod._run
+    monkeypatch.setattr(
+        suite_mod,
+        "_run",
+        lambda m, t, s, setting, ref, writer, *a: (
+            computed.append(writer is not None),
+            real(m, t, s, setting, ref, writer, *a),
+        )[1],
+    )
+    first = _run(model, model, word_tokenizer, tmp_path)
+    assert computed == [True, False]
+    second = _run(model, model, word_tokenizer, tmp_path)
+    assert computed == [True, False, False] and second["reference_row"] == first["reference_row"]
+    _run(model, model, word_tokenizer, tmp_path, suite=dataclasses.replace(SMALL, context=32))  # protocol changed
+    assert computed[3:] == [True, False]
+    changed = zoo.pristine("llama")
+    with torch.no_grad():
+        changed.model.norm.weight.add_(0.01)  # a different reference model
+    _run(changed, changed, word_tokenizer, tmp_path)
+    assert computed[5:] == [True, False]
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == refcache.KEEP  # oldest pruned
+
+
+def test_vocabulary_mismatch_is_refused(zoo, word_tokenizer, tmp_path):
+    other = mqc.tiny_model("llama")
+    other.resize_token_embeddings(300)
+    with pytest.raises(MqcError, match="different vocabularies"):
+        _run(other, zoo.pristine("llama"), word_tokenizer, tmp_path)
