@@ -135,6 +135,8 @@ def model_source(model: torch.nn.Module) -> str | None:
     if not origin or not Path(origin).is_dir():
         return None
     path = Path(origin).resolve()
+    if (path / "manifest.json").is_file():  # loaded from an artifact: the artifact's own source
+        return json.loads((path / "manifest.json").read_text()).get("source")
     return "default" if path == (cache_dir() / "models" / DEFAULT_MODEL).resolve() else str(path)
 
 

@@ -22,9 +22,20 @@ __all__ = ["SUITES", "EvalResult", "Suite", "evaluate"]
 
 
 def _load(spec) -> tuple[torch.nn.Module, object, str | None, bool]:
-    """(model, tokenizer, recorded source, is an artifact) of a model spec."""
+    """(model, tokenizer, recorded source, is compressed) of a model spec: an artifact, an ONNX
+    export (scored through onnxruntime), or a plain model."""
     from mqc.models import load_any, resolve_model_dir
 
+    onnx_config = Path(spec) / "mqc_onnx.json"
+    if onnx_config.is_file():
+        import json
+
+        from transformers import AutoTokenizer
+
+        from mqc.export.onnx import OnnxCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        return OnnxCausalLM(spec), tokenizer, json.loads(onnx_config.read_text()).get("source"), True
     path = resolve_model_dir(spec)
     model, tokenizer = load_any(path)
     if (path / "manifest.json").is_file():
@@ -49,8 +60,8 @@ def evaluate(
     cache: Path | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate ``model`` (an artifact, a local HF dir, ``"default"``, or a loaded module with its
-    ``tokenizer``) against ``reference``: by default an artifact's recorded source, else the model
+    """Evaluate ``model`` (an artifact, an ONNX export, a local HF dir, ``"default"``, or a loaded
+    module with its ``tokenizer``) against ``reference``: by default an artifact's recorded source, else the model
     itself (then only its own perplexities are informative)."""
     if isinstance(suite, str):
         if suite not in SUITES:
@@ -68,11 +79,17 @@ def evaluate(
         if file:
             check_text_file(file)
     name = "model" if isinstance(model, torch.nn.Module) else str(model)
+    if not isinstance(model, torch.nn.Module) and (Path(model) / "mqc_onnx.json").is_file():
+        if any(s != "W" for s in settings or ["W"]):  # onnxruntime computes as exported
+            raise MqcError(
+                "an ONNX export is evaluated as exported (setting W); activation/KV settings need an artifact"
+            )
+        settings = ["W"]
     source = None
     if not isinstance(model, torch.nn.Module):
-        model, loaded_tokenizer, source, is_artifact = _load(model)
+        model, loaded_tokenizer, source, compressed = _load(model)
         tokenizer = tokenizer or loaded_tokenizer
-        if is_artifact and reference is None and source is None:
+        if compressed and reference is None and source is None:
             raise MqcError(f"{name} does not record its source model; pass --reference MODEL_DIR (or 'default')")
     if tokenizer is None:
         raise MqcError(f"{name} has no tokenizer; evaluation on text needs one")

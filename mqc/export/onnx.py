@@ -38,6 +38,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from mqc import __version__
 from mqc.errors import ArtifactError, DataError, MqcError
 from mqc.export.decoder import DecoderGraph, DecoderSpec
 from mqc.export.graph import GraphBuilder, WeightStore
+from mqc.models import model_source
 
 DECODE_GRAPH = "model.onnx"
 PREFILL_GRAPH = "prefill.onnx"
@@ -237,6 +239,7 @@ def mqc_config(
         "model_type": spec.model_type,
         "graphs": {"prefill": PREFILL_GRAPH, "decode": DECODE_GRAPH, "weights": DATA_FILE},
         "accuracy_level": accuracy_level,
+        "source": model_source(module),  # the full-precision model `mqc eval` compares with
         "eos_token_id": eos,
         "kv_cache": kv,
         "layers": _layer_formats(module),
@@ -435,6 +438,27 @@ class OnnxLM:
                 break
             result = self.step(token[:, None], result)
         return np.stack(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), dtype=np.int64)
+
+
+class OnnxCausalLM(torch.nn.Module):
+    """An export behind the interface of a Hugging Face causal LM that :mod:`mqc.evaluation`
+    scores: ``model(input_ids=...)`` runs the prompt graph, and passing a returned
+    ``past_key_values`` back runs a decode step after it. Evaluating the export this way measures
+    what onnxruntime computes (``accuracy_level`` 4: int8 activations) on the suite's protocol."""
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None):
+        from transformers import PretrainedConfig
+
+        super().__init__()
+        self.lm = OnnxLM(onnx_dir, threads=threads)
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # the device callers ask for
+        positions = self.lm.config.get("model", {}).get("context_length")
+        self.config = PretrainedConfig(vocab_size=self.lm._vocab, max_position_embeddings=positions)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Step | None = None, **_: Any) -> SimpleNamespace:
+        ids = input_ids.cpu().numpy()
+        step = self.lm.prefill(ids) if past_key_values is None else self.lm.step(ids, past_key_values)
+        return SimpleNamespace(logits=torch.from_numpy(step.logits.astype(np.float32)), past_key_values=step)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
