@@ -28,7 +28,10 @@ def tiny_dir(tmp_path_factory):
     return path, text
 
 
-def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys):
+def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys, monkeypatch):
+    from mqc.evaluation import reference
+
+    monkeypatch.setattr(reference, "default_root", lambda: tmp_path / "reference-cache")  # not the user's cache
     model_dir, text = tiny_dir
     out = tmp_path / "art"
     args = [str(model_dir), "--bits", "4", "--group-size", "32", "--out", str(out), "--calib-file", str(text)]

@@ -190,7 +190,35 @@ def test_onnx_export_scores_like_its_artifact(tmp_path, word_tokenizer):
     onnx_dir = export_onnx(*mqc.load(art), tmp_path / "onnx", accuracy_level=0)
     result = mqc.evaluate(str(onnx_dir), reference=str(art), suite=SMALL, cache=tmp_path / "ref", progress=False)
     (row,) = result.rows
-    assert row["setting"] == "W" and row["kl"] < 1e-6 and row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
+    assert (
+        row["setting"] == "W" and row["kl"] < 1e-6 and row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
+    )
     assert row["ppl"] == pytest.approx(result.reference_row["ppl"], rel=1e-4)
     with pytest.raises(MqcError, match="evaluated as exported"):
         mqc.evaluate(str(onnx_dir), reference=str(art), suite=SMALL, settings=["W+A8"], cache=tmp_path / "ref")
+
+
+@pytest.mark.parametrize("family, bos", [("gemma", True), ("llama", False)])
+def test_every_window_and_prompt_starts_with_bos_where_the_tokenizer_adds_one(zoo, tmp_path, family, bos):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of and to in is was he it that for on with as his at by jury said".split()
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>")
+    model = zoo.pristine(family)
+    firsts = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: firsts.append(int(kw["input_ids"][0, 0])) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        _run(model, model, tokenizer, tmp_path, dataclasses.replace(SMALL, genres=False), settings=["W"])
+    finally:
+        handle.remove()
+    assert len(firsts) > 10  # windows of both runs, long-context windows and prompts
+    assert (all(f == 1 for f in firsts)) == bos and (1 not in firsts or bos)
