@@ -203,7 +203,7 @@ def test_every_window_and_prompt_starts_with_bos_where_the_tokenizer_adds_one(zo
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = "the a of and to in is was he it that for on with as his at by jury said".split()
+    words = ["the", "a", "of", "and", "to", "in", "is", "was", "he", "it", "that", "for", "on", "with", "as", "his", "at", "by", "jury", "said"]
     vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
