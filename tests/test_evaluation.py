@@ -203,7 +203,28 @@ def test_every_window_and_prompt_starts_with_bos_where_the_tokenizer_adds_one(zo
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["the", "a", "of", "and", "to", "in", "is", "was", "he", "it", "that", "for", "on", "with", "as", "his", "at", "by", "jury", "said"]
+    words = [
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "he",
+        "it",
+        "that",
+        "for",
+        "on",
+        "with",
+        "as",
+        "his",
+        "at",
+        "by",
+        "jury",
+        "said",
+    ]
     vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -222,3 +243,29 @@ def test_every_window_and_prompt_starts_with_bos_where_the_tokenizer_adds_one(zo
         handle.remove()
     assert len(firsts) > 10  # windows of both runs, long-context windows and prompts
     assert (all(f == 1 for f in firsts)) == bos and (1 not in firsts or bos)
+
+
+def test_smoothing_scales_follow_smoothquant_and_divide_before_the_grid(zoo):
+    from mqc.evaluation.settings import smoothing_scales
+
+    model = zoo.pristine("llama")
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    name, module = "model.layers.0.mlp.down_proj", model.model.layers[0].mlp.down_proj
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    scales = smoothing_scales(model, calib, alpha=0.5)
+    handle.remove()
+    x_max = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[:2]]).abs().amax(0)  # the two calibration rows
+    expected = x_max.clamp(min=1e-5).sqrt() / module.weight.abs().amax(0).clamp(min=1e-5).sqrt()
+    torch.testing.assert_close(scales[name], expected, rtol=1e-5, atol=0)
+    raw, quantized = [], []
+    before = module.register_forward_pre_hook(lambda m, a: raw.append(a[0].detach().clone()))  # runs first
+    with applied(model, Setting.parse("W+A4"), scales):
+        after = module.register_forward_pre_hook(lambda m, a: quantized.append(a[0].detach().clone()))
+        with torch.no_grad():
+            model(input_ids=calib[:1])
+    before.remove()
+    after.remove()
+    s = scales[name]
+    torch.testing.assert_close(quantized[0], quant.fake_quantize_rows(raw[0] / s, 4, symmetric=True) * s)
+    assert not torch.allclose(quantized[0], quant.fake_quantize_rows(raw[0], 4, symmetric=True))  # smoothing matters
