@@ -300,7 +300,7 @@ def cmd_eval(args) -> int:
         smooth=args.smooth,
     ).to_dict()
     written = []
-    if (Path(args.model) / "manifest.json").is_file():
+    if any((Path(args.model) / f).is_file() for f in ("manifest.json", "mqc_onnx.json")):  # an artifact or export
         written = report.write(result, args.model)
     if args.json:
         print(json.dumps(result, indent=2))
