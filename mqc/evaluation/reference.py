@@ -34,7 +34,7 @@ import torch
 
 from mqc.models import cache_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: greedy continuations decoded as one batch
 KEEP = 3
 _META, _LOGPROBS, _TOP1 = "meta.json", "logprobs.npy", "top1.npy"
 

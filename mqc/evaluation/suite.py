@@ -6,9 +6,10 @@ Per setting (:mod:`mqc.evaluation.settings`) a row holds:
   ``context``-token windows (:func:`mqc.data.eval_windows`: BOS per window where the tokenizer
   adds one): mean ``KL(p_ref || p_model)`` per scored token (:func:`mqc.kl.token_kl`, the KL the
   allocator optimises) and the fraction of tokens whose argmax matches the reference's.
-* ``greedy_agreement``: greedy continuations of ``prompts`` fixed prompts (evenly spaced through
-  the main text); per prompt the fraction of ``new_tokens`` generated before the first token
-  that differs from the reference's continuation.
+* ``greedy_agreement``: greedy continuations of ``prompts`` fixed prompts (``prompt_tokens``
+  tokens each, evenly spaced through the main text, decoded as one batch); per prompt the
+  fraction of ``new_tokens`` generated before the first token that differs from the reference's
+  continuation.
 * ``ppl_by_genre``: each of the Brown corpus's 15 categories (its eval-split documents).
 * ``ppl_by_context``: the first ``context_tokens`` tokens of the main text scored in windows of
   each of ``contexts`` (2k/4k/8k), the same tokens at each length; a context beyond the model's
@@ -180,18 +181,18 @@ def scored_rows(texts: Texts, suite: Suite) -> int:
 
 @torch.no_grad()
 def _greedy(model, prompts: list[torch.Tensor], new_tokens: int, kwargs: Callable, progress: bool) -> list[list[int]]:
-    out = []
-    for prompt in tqdm(prompts, desc="greedy continuations", disable=not progress, leave=False):
-        step = model(input_ids=prompt[None].to(_device(model)), use_cache=True, **kwargs())
-        tokens: list[int] = []
-        while True:
-            token = step.logits[0, -1].argmax()
-            tokens.append(int(token))
-            if len(tokens) == new_tokens:
-                break
-            step = model(input_ids=token.view(1, 1), past_key_values=step.past_key_values, use_cache=True)
-        out.append(tokens)
-    return out
+    """Greedy continuations of the prompts, decoded as one batch (they have one length, so no padding)."""
+    if not prompts:
+        return []
+    batch = torch.stack(prompts).to(_device(model))
+    step = model(input_ids=batch, use_cache=True, **kwargs())
+    tokens = []
+    for i in tqdm(range(new_tokens), desc="greedy continuations", disable=not progress, leave=False):
+        token = step.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token.cpu())
+        if i + 1 < new_tokens:
+            step = model(input_ids=token, past_key_values=step.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1).tolist()
 
 
 def _prefix_agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
