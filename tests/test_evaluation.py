@@ -16,7 +16,6 @@ from mqc.errors import MqcError
 from mqc.evaluation import reference as refcache
 from mqc.evaluation import suite as suite_mod
 from mqc.evaluation.settings import FakeQuantKVCache, Setting, applied, linear_inputs
-from tests.conftest import sharp_tiny_llama
 
 SMALL = suite_mod.Suite("test", 192, 48, (128, 1024), 256, 3, 6, ("W",), context=64)
 
@@ -131,11 +130,9 @@ def test_model_against_itself_has_zero_kl_and_full_agreement(zoo, word_tokenizer
     assert row["tokens"] == 189  # 192 tokens in 64-token windows: all but each window's first
 
 
-def test_compressed_model_moves_away_from_its_reference(word_tokenizer, tmp_path):
-    reference = sharp_tiny_llama()
-    compiled = mqc.compile(
-        sharp_tiny_llama(), mqc.Recipe(bits=2, group_size=32), calib=torch.randint(0, 256, (4, 32))
-    ).model
+def test_compressed_model_moves_away_from_its_reference(sharp_model, word_tokenizer, tmp_path):
+    reference = sharp_model()
+    compiled = mqc.compile(sharp_model(), mqc.Recipe(bits=2, group_size=32), calib=torch.randint(0, 256, (4, 32))).model
     result = _run(compiled, reference, word_tokenizer, tmp_path, settings=["W", "W+A4", "W+KV2"])
     w, a4, kv2 = result["rows"]
     assert 0 < w["kl"] and w["top1_agreement"] < 1 and w["ppl"] != result["reference_row"]["ppl"]
@@ -179,12 +176,12 @@ def test_vocabulary_mismatch_is_refused(zoo, word_tokenizer, tmp_path):
         _run(other, zoo.pristine("llama"), word_tokenizer, tmp_path)
 
 
-def test_onnx_export_scores_like_its_artifact(tmp_path, word_tokenizer):
+def test_onnx_export_scores_like_its_artifact(sharp_model, tmp_path, word_tokenizer):
     """accuracy_level 0 computes what the torch runtime does: against the artifact as reference,
     KL ~ 0 and full agreement; the export records the artifact's source for ``mqc eval``."""
     from mqc.export.onnx import export_onnx
 
-    compiled = mqc.compile(sharp_tiny_llama(), mqc.Recipe(bits=4, group_size=32), calib=torch.randint(0, 256, (4, 32)))
+    compiled = mqc.compile(sharp_model(), mqc.Recipe(bits=4, group_size=32), calib=torch.randint(0, 256, (4, 32)))
     compiled.tokenizer = word_tokenizer
     art = mqc.save(compiled, tmp_path / "art")
     onnx_dir = export_onnx(*mqc.load(art), tmp_path / "onnx", accuracy_level=0)
