@@ -27,8 +27,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -228,15 +229,18 @@ def perplexity(
     max_tokens: int | None = DEFAULT_EVAL_TOKENS,
     progress: bool = True,
     bos: int | None = None,
+    desc: str = "perplexity",
+    forward_kwargs: Callable[[], dict[str, Any]] = dict,
 ) -> float:
-    """Perplexity of ``model`` on a 1-D token stream (see module docstring for the protocol)."""
+    """Perplexity of ``model`` on a 1-D token stream (see module docstring for the protocol);
+    ``forward_kwargs()`` gives each window's extra model arguments (a fresh cache, say)."""
     ids = ids[:max_tokens] if max_tokens else ids
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     windows = list(eval_windows(ids, context, stride, bos))
-    for window, first in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+    for window, first in tqdm(windows, desc=desc, disable=not progress, leave=False):
         window = window.to(device)
-        logits = model(input_ids=window[None]).logits[0, first:-1].float()
+        logits = model(input_ids=window[None], **forward_kwargs()).logits[0, first:-1].float()
         nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
         count += window.numel() - 1 - first
     return math.exp(nll / count)

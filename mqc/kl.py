@@ -3,9 +3,10 @@
 The quantity mq's allocator optimises (its costs predict it; its search measures it) and the
 evaluation suite (:mod:`mqc.evaluation`) reports next to perplexity: mean over scored tokens of
 ``KL(p_ref || p_model)``, both through :func:`token_kl`.
-Reference log-probabilities are computed once and kept in float32 (fp16 log-probs are off by up to
-1e-2 at -20, more than the KL of a good 8-bit model), which saves one forward of the reference per
-evaluation.
+Reference log-probabilities are computed once, which saves one forward of the reference per
+evaluation; the search keeps them in float32 in memory (computing them in fp16 is off by up to
+1e-2 at -20), the suite caches float32 results rounded to float16 on disk, an error weighted by
+the probability in the KL (:mod:`mqc.evaluation.reference`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class EvalResult:
     rows: list[dict[str, Any]]
     protocol: dict[str, Any]
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,18 +132,11 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def _perplexity(
-    model, ids: torch.Tensor, context: int, bos: int | None, kwargs: Callable, desc: str, progress: bool
-) -> float:
-    windows = list(data.eval_windows(ids, context, bos=bos))
-    nll, count = 0.0, 0
-    for window, first in tqdm(windows, desc=desc, disable=not progress, leave=False):
-        window = window.to(_device(model))
-        logits = model(input_ids=window[None], **kwargs()).logits[0, first:-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
-        count += window.numel() - 1 - first
-    return math.exp(nll / count)
+def _ppl(model, ids: torch.Tensor, context: int, desc: str, kwargs: Callable, bos: int | None, progress: bool) -> float:
+    """:func:`mqc.data.perplexity` of a whole (already cut) token stream under a setting."""
+    return data.perplexity(
+        model, ids, context, max_tokens=None, progress=progress, bos=bos, desc=desc, forward_kwargs=kwargs
+    )
 
 
 @torch.no_grad()
@@ -216,18 +208,17 @@ def _run(
         greedy = _greedy(model, texts.prompts, suite.new_tokens, kwargs, progress)
         row["greedy_agreement"] = None if ref is None else _prefix_agreement(greedy, ref.meta["greedy"])
         row["ppl_by_genre"] = {
-            g: _perplexity(model, ids, suite.context, texts.bos, kwargs, f"genre: {g}", progress)
+            g: _ppl(model, ids, suite.context, f"genre: {g}", kwargs, texts.bos, progress)
             for g, ids in texts.by_genre.items()
         }
         row["ppl_by_context"] = {  # None: the model has fewer positions, or the text fewer tokens
             str(c): None
             if (positions and c > positions) or texts.long.numel() < c
-            else _perplexity(model, texts.long, c, texts.bos, kwargs, f"context {c}", progress)
+            else _ppl(model, texts.long, c, f"context {c}", kwargs, texts.bos, progress)
             for c in suite.contexts
         }
         row["ppl_by_text"] = {
-            n: _perplexity(model, ids, suite.context, texts.bos, kwargs, n, progress)
-            for n, ids in texts.by_text.items()
+            n: _ppl(model, ids, suite.context, n, kwargs, texts.bos, progress) for n, ids in texts.by_text.items()
         }
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row, greedy
@@ -238,14 +229,15 @@ def reference_for(
 ) -> refcache.Reference:
     """The cached reference of ``model`` under this protocol, computed now on a miss."""
     root = root or refcache.default_root()
-    key = refcache.protocol_key(refcache.model_fingerprint(model), texts.protocol(suite))
+    protocol = texts.protocol(suite)
+    key = refcache.protocol_key(refcache.model_fingerprint(model), protocol)
     found = refcache.load(root, key)
     if found is not None:
         return found
     writer = refcache.Writer(root, key, scored_rows(texts, suite), model.config.get_text_config().vocab_size)
     try:
         row, greedy = _run(model, texts, suite, Setting("W"), None, writer, None, progress)
-        return writer.commit({"protocol": texts.protocol(suite), "row": row, "greedy": greedy})
+        return writer.commit({"protocol": protocol, "row": row, "greedy": greedy})
     except BaseException:
         writer.abort()
         raise
@@ -268,12 +260,12 @@ def run_suite(
     """Evaluate ``model`` against ``reference_model`` (see the module docstring for the rows)."""
     start = time.perf_counter()
     parsed = [Setting.parse(s) for s in (settings or suite.settings)]
-    bundle = Texts.of(tokenizer, suite, eval_file, texts)
     vocab = model.config.get_text_config().vocab_size
     if vocab != reference_model.config.get_text_config().vocab_size:
         raise MqcError(
             f"{names[0]} and its reference {names[1]} have different vocabularies; pass the right --reference"
         )
+    bundle = Texts.of(tokenizer, suite, eval_file, texts)
     ref = reference_for(reference_model, bundle, suite, cache, progress)
     scales = None
     if smooth is not None and any(s.act_bits for s in parsed):
