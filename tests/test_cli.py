@@ -90,6 +90,7 @@ def test_mq_from_recipe_file(tiny_dir, tmp_path, capsys):
         (["eval", "/tmp"], "no config.json"),
         (["eval", "default", "--settings", "W+A3"], "unknown setting"),
         (["eval", "default", "--text", "/nonexistent.txt"], "not found"),
+        (["eval", "default", "--context", "1"], "context 1 is too small"),
         (["compile", "--method", "mq", "--size", "3.5 bits", "--out", "x"], "size '3.5 bits' not understood"),
         (["compile", "--method", "rtn", "--size", "3.5bpw", "--out", "x"], "needs --method mq"),
         (["compile", "--size", "3bpw,3bpw", "--out", "x"], "names a size twice"),

@@ -67,6 +67,10 @@ def evaluate(
         if suite not in SUITES:
             raise MqcError(f"unknown suite {suite!r}; use {' or '.join(SUITES)}")
         suite = SUITES[suite]
+    if context is not None and context < 3:  # BOS + 2 text tokens: the smallest window that scores one
+        raise MqcError(f"context {context} is too small; give at least 3 tokens per window (default 512)")
+    if eval_tokens is not None and eval_tokens < 2:
+        raise MqcError(f"eval tokens {eval_tokens} is too few; score at least 2 tokens")
     overrides = {"tokens": eval_tokens, "context": context}
     suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
     if settings is not None:
