@@ -238,14 +238,16 @@ def cmd_compile(args) -> int:
     import copy
 
     import mqc
+    from mqc.atomic import check_replaceable
     from mqc.data import check_text_file
+    from mqc.runtime.artifact import WHAT as ARTIFACT
+    from mqc.runtime.artifact import is_artifact
     from mqc.report import build_report, layer_table, summary_lines, write_reports
     from mqc.size import parse_size
 
     targets = _compile_targets(args)
-    for _, out in targets:
-        if out.exists() and not args.force:
-            raise mqc.errors.ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
+    for _, out in targets:  # before any work: what save() would refuse at the end
+        check_replaceable(out, args.force, is_artifact, ARTIFACT)
     for path in (args.calib_file, args.eval_file):
         if path:
             check_text_file(path)
@@ -383,10 +385,13 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     if args.gguf:
         return _export_gguf(args)
+    from mqc.atomic import check_replaceable
     from mqc.export import export_onnx
-    from mqc.export.onnx import DEFAULT_ACCURACY_LEVEL
+    from mqc.export.onnx import DEFAULT_ACCURACY_LEVEL, is_export
+    from mqc.export.onnx import WHAT as EXPORT
     from mqc.models import load_any
 
+    check_replaceable(Path(args.onnx), args.force, is_export, EXPORT)  # before loading anything
     model, tokenizer = load_any(args.model)
     level = DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level
     out = export_onnx(model, tokenizer, args.onnx, force=args.force, accuracy_level=level)

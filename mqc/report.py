@@ -10,13 +10,13 @@ import json
 import os
 import platform
 import resource
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mqc import __version__, quant, quant_ggml
+from mqc.atomic import replaced_file, write_bytes
 from mqc.passes import keys
 from mqc.passes.units import choice_label
 
@@ -192,17 +192,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _label_bits(label: str) -> float:
     """x position of a choice label: its width ("4/g64" -> 4), or a llama.cpp type's bits per weight."""
     if label in quant_ggml.TYPES:
@@ -255,17 +244,17 @@ def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replaced_file(path, True, Path.is_file, "a file") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     paths = [out / "report.json", out / "report.md", out / "report.png"]
-    atomic_write(paths[0], json.dumps(report, indent=2, default=str).encode())
-    atomic_write(paths[1], markdown(report).encode())
+    write_bytes(paths[0], json.dumps(report, indent=2, default=str).encode())
+    write_bytes(paths[1], markdown(report).encode())
     plot(report, paths[2])
     return paths

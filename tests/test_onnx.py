@@ -23,6 +23,7 @@ import mqc
 from mqc import quant
 from mqc.errors import ArtifactError, UnsupportedModelError
 from mqc.export import OnnxLM, export_onnx, onnx_generate
+from mqc.export import onnx as onnx_export
 from mqc.export.embedding import to_ell
 from mqc.export.linear import as_matmul_nbits
 from mqc.models import tiny_config
@@ -287,6 +288,36 @@ def test_refuses_overwrite_and_unsupported_models(tmp_path):
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         export(mqc.tiny_model("gpt2"), tmp_path, "gpt2")
     assert not (tmp_path / "gpt2").exists()
+
+
+def test_force_never_replaces_a_directory_that_is_not_an_export(tmp_path):
+    model = tiny("llama", head_dim=32)
+    precious = tmp_path / "onnx"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for target in (precious, tmp_path / "artifact_like"):
+        if target != precious:
+            target.mkdir()
+            (target / "manifest.json").write_text("{}")  # an artifact is not an export either
+        with pytest.raises(ArtifactError, match="not an mqc ONNX export"):
+            export(model, tmp_path, target.name, force=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact_like", "onnx"]
+
+
+def test_failed_export_keeps_the_old_one(tmp_path, monkeypatch):
+    model = tiny("llama", head_dim=32)
+    out = export(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx_export, "_save_graph", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(model, tmp_path, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporaries left
 
 
 def test_onnx_generate_text_prompt(tmp_path, word_tokenizer):

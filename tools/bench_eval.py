@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqc  # noqa: E402
+from mqc.atomic import write_bytes  # noqa: E402
 from mqc.evaluation import SUITES  # noqa: E402
-from mqc.report import atomic_write, machine, save_figure, write_reports  # noqa: E402
+from mqc.report import machine, save_figure, write_reports  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {  # name -> recipe (None: the full-precision reference itself)
@@ -190,7 +191,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     plot(result, args.out.with_suffix(".png"))
     print()
     print(table(result))

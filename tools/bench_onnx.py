@@ -73,6 +73,7 @@ MQC_RECIPES = {
     "gptq4_g128": {"bits": 4, "group_size": 128, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq4_g64": {"bits": 4, "group_size": 64, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq4_g32": {"bits": 4, "group_size": 32, "quantize_embeddings": True, "quantizer": "gptq"},
+    "gptq3_g128": {"bits": 3, "group_size": 128, "quantize_embeddings": True, "quantizer": "gptq"},
     # mq with LLM-MQ's RTN-delta costs, as this benchmark first measured it: Fisher sensitivity,
     # groups of 64, 0.5% outliers, lowered with sequential GPTQ (the earlier sweep's best; the
     # first-order sensitivity without outliers gave perplexities in the hundreds at 4.2 bits)

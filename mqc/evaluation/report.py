@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mqc.report import atomic_write, machine, save_figure
+from mqc.atomic import write_bytes
+from mqc.report import machine, save_figure
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -109,6 +110,6 @@ def write(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """``eval.json`` (with the machine) and ``eval.png`` in ``out_dir``, each written atomically."""
     out = Path(out_dir)
     paths = [out / "eval.json", out / "eval.png"]
-    atomic_write(paths[0], json.dumps({**result, "machine": machine()}, indent=2).encode())
+    write_bytes(paths[0], json.dumps({**result, "machine": machine()}, indent=2).encode())
     plot(result, paths[1])
     return paths

@@ -51,10 +51,9 @@ Bytes: the tensor data written equals the plan's whole-model bytes (each planned
 :func:`mqc.size.model_size` counts it for a GGUF file); the file is read back and checked before
 it replaces anything. Derived tensors that are no model parameter (``rope_freqs``) are apart.
 
-Writing: a temporary file in the destination's folder, renamed over ``out_file`` only after the
-check (``os.replace``: a file is replaced atomically, so a failed export leaves the old file
-intact); an existing file is replaced only with ``force``, and only a GGUF written here
-(``general.quantized_by = "mqc"``), never anything else.
+Writing goes through :func:`mqc.atomic.replaced_file`: the file is renamed over ``out_file`` only
+after the check, so a failed export leaves the old file intact; an existing file is replaced only
+with ``force``, and only a GGUF written here (``general.quantized_by = "mqc"``).
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +74,7 @@ import torch
 from transformers import AutoConfig
 
 from mqc import quant_ggml
+from mqc.atomic import check_replaceable, replaced_file
 from mqc.errors import ArtifactError, UnsupportedModelError
 from mqc.models import check_config_file, load_any, resolve_model_dir
 from mqc.passes.units import LayerPlan
@@ -83,6 +82,7 @@ from mqc.runtime.artifact import MANIFEST, read_manifest
 from mqc.runtime.modules import GgmlLinear, QEmbedding
 from mqc.size import model_size
 
+WHAT = "a GGUF file written by mqc"
 MARKER = "mqc"  # general.quantized_by of every file written here: what --force may replace
 _ARCH = gguf.MODEL_ARCH
 
@@ -157,7 +157,7 @@ def export_gguf(source: str | os.PathLike | None, out_file: str | os.PathLike, *
     """Write the artifact at ``source`` (or a local HF model directory / ``'default'``, in F16) as
     the GGUF file ``out_file`` for llama.cpp; see the module docstring."""
     out = Path(out_file)
-    _check_replaceable(out, force)
+    check_replaceable(out, force, written_here, WHAT, directory=False)  # before any work
     root = resolve_model_dir(source)
     model_type = check_config_file(root)
     family = FAMILIES.get(model_type)
@@ -182,11 +182,7 @@ def export_gguf(source: str | os.PathLike | None, out_file: str | os.PathLike, *
         writer.add_tensor(name, data, raw_dtype=qtype)
     expected = planned_bytes(model, plan)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with replaced_file(out, force, written_here, WHAT) as tmp:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -194,9 +190,6 @@ def export_gguf(source: str | os.PathLike | None, out_file: str | os.PathLike, *
         written = _read_back(tmp, out, family, token_model)
         if written.tensor_bytes != expected:  # a bug in the writer or the accounting, not a user error
             raise RuntimeError(f"GGUF tensor data {written.tensor_bytes:,} bytes != planned {expected:,} bytes")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return written
 
 
@@ -213,16 +206,8 @@ def planned_bytes(model: torch.nn.Module, plan: list) -> int:
 # --------------------------------------------------------------------------------------------
 # what may be written, and over what
 # --------------------------------------------------------------------------------------------
-def _check_replaceable(out: Path, force: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise ArtifactError(f"{out} already exists; choose another --gguf file or pass --force to replace it")
-    if out.is_symlink() or not out.is_file() or not _written_here(out):
-        raise ArtifactError(f"{out} exists and is not a GGUF file written by mqc; not replacing it even with --force")
-
-
-def _written_here(path: Path) -> bool:
+def written_here(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file marked by mqc (what ``force`` may replace)."""
     try:
         field = gguf.GGUFReader(path).get_field(gguf.Keys.General.QUANTIZED_BY)
         return field is not None and field.contents() == MARKER

@@ -10,8 +10,9 @@
     mqc_onnx.json       what mqc exported: formats per layer, KV layout, sizes, options
     tokenizer files
 
-The directory is written next to its destination and renamed into place; an existing one is
-replaced only with ``force``. Every graph passes ``onnx.checker`` before the rename.
+The directory is written through :func:`mqc.atomic.replaced_dir`: a failed export leaves the old
+one intact, and ``force`` replaces only an mqc export (never any other directory). Every graph
+passes ``onnx.checker`` before the rename.
 
 ``accuracy_level`` is ``MatMulNBits``' compute type for its activations; the weights are mqc's
 exact packed codes either way. The default, 4, is chosen for decode speed: onnxruntime quantizes
@@ -30,12 +31,9 @@ output must match the runtime.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +44,7 @@ import onnx
 import torch
 
 from mqc import __version__
+from mqc.atomic import check_replaceable, replaced_dir
 from mqc.errors import ArtifactError, DataError, MqcError
 from mqc.export.decoder import DecoderGraph, DecoderSpec
 from mqc.export.graph import GraphBuilder, WeightStore
@@ -58,29 +57,18 @@ GENAI_CONFIG = "genai_config.json"
 MQC_CONFIG = "mqc_onnx.json"
 DEFAULT_ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 4)
+WHAT = "an mqc ONNX export"
 
 
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_dir(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that becomes ``out`` when the block succeeds."""
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; choose another output directory or pass force=True (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is an ONNX export written by mqc (what ``force`` may replace)."""
     try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "export")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return path.is_dir() and _read_json(path / MQC_CONFIG).get("format") == "mqc-onnx"
+    except (ValueError, OSError, AttributeError):  # unreadable or not a mapping: not ours
+        return False
 
 
 def _unwrap(model) -> tuple[torch.nn.Module, Any]:
@@ -109,13 +97,14 @@ def export_onnx(
         raise MqcError(f"accuracy_level {accuracy_level} not supported; use one of {ACCURACY_LEVELS}")
     spec = DecoderSpec.of(module)
     out = Path(out_dir)
+    check_replaceable(out, force, is_export, WHAT)  # before building the graphs
     weights = WeightStore()
     with torch.no_grad():
         graphs = {
             PREFILL_GRAPH: DecoderGraph(module, weights, accuracy_level, with_past=False).build(),
             DECODE_GRAPH: DecoderGraph(module, weights, accuracy_level, with_past=True).build(),
         }
-    with _atomic_dir(out, force) as tmp:
+    with replaced_dir(out, force, is_export, WHAT) as tmp:
         names = list(dict.fromkeys(n for g in graphs.values() for n in g.used_weights))
         offsets = weights.write(tmp / DATA_FILE, names)
         for filename, graph in graphs.items():

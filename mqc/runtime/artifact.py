@@ -10,10 +10,9 @@ Layout::
     config.json         the base model's HF config
     tokenizer files     when the model came with a tokenizer
 
-A directory is written next to its destination and renamed into place, so a crash never leaves
-half an artifact; an existing artifact is replaced only with ``force``, and never a directory
-that is not an mqc artifact (``--force --out ~`` must not delete a home directory). Tensors that
-share storage (tied weights) are stored once and listed under ``aliases``.
+The directory is written through :func:`mqc.atomic.replaced_dir` (a crash never leaves half an
+artifact; ``force`` replaces only an artifact). Tensors that share storage (tied weights) are
+stored once and listed under ``aliases``.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mqc import __version__
+from mqc.atomic import replaced_dir
 from mqc.errors import ArtifactError
 from mqc.models import model_source
 from mqc.runtime.modules import RUNTIME_MODULES
@@ -41,6 +39,7 @@ FORMAT = "mqc-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
+WHAT = "an mqc artifact"
 _REQUIRED = ("tensors", "modules", "aliases", "plan", "recipe", "attn_implementation", "tokenizer")
 
 
@@ -87,12 +86,8 @@ def runtime_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
 def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
     """Write ``compiled`` (a :class:`mqc.api.CompiledModel`) to ``out_dir`` atomically."""
-    out = Path(out_dir)
-    _check_replaceable(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = compiled.model
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with replaced_dir(out_dir, force, is_artifact, WHAT) as tmp:
         tensors, aliases = stored_tensors(model)
         save_file(tensors, tmp / TENSORS, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
@@ -122,37 +117,12 @@ def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            _swap_in(tmp, out)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
-def _check_replaceable(out: Path, force: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise ArtifactError(f"{out} already exists; choose another --out or pass --force to replace it")
-    is_artifact = out.is_dir() and (out / MANIFEST).is_file()
-    if not is_artifact and not (out.is_dir() and not any(out.iterdir())):
-        raise ArtifactError(f"{out} exists and is not an mqc artifact; not replacing it even with --force, choose another --out")
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace the artifact at ``out`` by ``new``; if the move fails, the old one is put back."""
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    try:
-        os.replace(out, old / "artifact")
-        try:
-            os.replace(new, out)
-        except BaseException:
-            os.replace(old / "artifact", out)
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+def is_artifact(path: Path) -> bool:
+    """Whether ``path`` is an artifact directory (what ``--force`` may replace)."""
+    return path.is_dir() and (path / MANIFEST).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
