@@ -18,7 +18,7 @@ from mqc.errors import DataError, MqcError
 from mqc.graph import GraphView
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassManager
-from mqc.passes.units import LayerPlan
+from mqc.passes.units import LayerPlan, plan_bytes
 from mqc.recipe import Recipe
 
 
@@ -32,6 +32,13 @@ class CompiledModel:
     context: CompileContext
     tokenizer: Any = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_bytes(self) -> int | None:
+        """Whole-model bytes as the recipe's target stores the model: the plan's units plus every
+        other tensor (None when the compile did not size the model)."""
+        size = self.context.results.get(keys.MODEL_SIZE)
+        return None if size is None else size.total_bytes(plan_bytes(self.plan))
 
 
 # Results that depend only on the full-precision model, the calibration ids and the recipe fields

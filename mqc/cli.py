@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--search", choices=["evo", "none"], help="mq: refine the knapsack plan on measured KL (default evo)")
     c.add_argument("--search-generations", type=int, help="mq: generations of the measured-KL search (default 10)")
-    c.add_argument("--target", choices=["torch", "gguf"],
-                   help="formats to plan in: mqc's own (torch, default) or llama.cpp's types for `mqc export --gguf`")
+    c.add_argument("--target", choices=["torch", "cuda", "onnx", "gguf"],
+                   help="where the model will run; the plan is priced in the bytes it stores there: torch (default) "
+                   "and cuda store every mqc format, onnx has no 3-bit codes (mqc export --onnx), gguf plans "
+                   "over llama.cpp's types (mqc export --gguf)")
     c.add_argument("--gguf-types", type=_parse_names,
                    help="target gguf: comma list of llama.cpp types to choose from (default all: "
                    "Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0,F16)")
@@ -389,13 +391,32 @@ def cmd_export(args) -> int:
     from mqc.export import export_onnx
     from mqc.export.onnx import DEFAULT_ACCURACY_LEVEL, is_export
     from mqc.export.onnx import WHAT as EXPORT
+    from mqc.runtime.artifact import is_artifact, read_manifest
     from mqc.models import load_any
 
     check_replaceable(Path(args.onnx), args.force, is_export, EXPORT)  # before loading anything
+    accounting = read_manifest(args.model)["accounting"] if is_artifact(Path(args.model)) else {}
+    planned, target = accounting.get("model_bytes"), accounting.get("target", "torch")
     model, tokenizer = load_any(args.model)
     level = DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level
-    out = export_onnx(model, tokenizer, args.onnx, force=args.force, accuracy_level=level)
-    print(json.dumps({"onnx": str(out)}) if args.json else f"exported to {out}")
+    out = export_onnx(
+        model, tokenizer, args.onnx, force=args.force, accuracy_level=level,
+        planned_bytes=planned if target == "onnx" else None,
+    )  # fmt: skip
+    stored = json.loads((out / "mqc_onnx.json").read_text())["model_tensor_bytes"]
+    if args.json:
+        print(json.dumps({"onnx": str(out), "model_tensor_bytes": stored, "planned_bytes": planned, "target": target}))
+        return 0
+    print(f"exported to {out}: model tensors {stored:,} bytes", end="")
+    if planned is None:
+        print()
+    elif stored == planned:
+        print(f" (= planned for target {target})")
+    else:
+        print(
+            f"; the plan (target {target}) priced {planned:,} bytes: 3-bit layers are stored as 4-bit codes in ONNX. "
+            "Compile with --target onnx to plan in the bytes ONNX stores."
+        )
     return 0
 
 

@@ -20,6 +20,8 @@ from mqc.errors import RecipeError
 from mqc.quant import FP16_BITS, GROUP_SIZES, QUANT_BITS, SUPPORTED_BITS
 from mqc.quant_ggml import ALL_TYPES, F16, check_types
 from mqc.size import parse_size
+from mqc.targets import NAMES as TARGET_NAMES
+from mqc.targets import TARGETS
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Recipe:
     size: str | None = None  # whole-model size budget for mq: "70MB", "64MiB", "3.5bpw"
     search: str = "evo"  # mq: "evo" refines the knapsack plan on measured KL; "none" keeps it
     search_generations: int = 10
-    target: str = "torch"  # "torch": mqc's own formats; "gguf": llama.cpp's types (mqc export --gguf)
+    target: str = "torch"  # where it runs (mqc.targets): "torch", "cuda", "onnx" price mqc's formats as stored there; "gguf": llama.cpp's types
     gguf_types: tuple[str, ...] = ()  # target gguf: the types to choose from; (): all of them
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
@@ -147,8 +149,15 @@ class Recipe:
             raise RecipeError(f"unknown sensitivity {self.sensitivity!r}; use 'kl', 'first_order' or 'fisher'")
         if self.quantizer not in (None, "rtn", "gptq"):
             raise RecipeError(f"unknown quantizer {self.quantizer!r}; use 'rtn' or 'gptq'")
-        if self.target not in ("torch", "gguf"):
-            raise RecipeError(f"unknown target {self.target!r}; use 'torch' or 'gguf'")
+        if self.target not in TARGET_NAMES:
+            raise RecipeError(f"unknown target {self.target!r}; use one of {', '.join(TARGET_NAMES)}")
+        if self.target in TARGETS and self.method == "mq":
+            native = [b for b in self.allowed_bits if b == FP16_BITS or TARGETS[self.target].native(b)]
+            if not native:
+                raise RecipeError(
+                    f"target {self.target!r} stores none of the allowed widths {self.allowed_bits} natively "
+                    f"(it stores {TARGETS[self.target].code_bits} and 16); allow one of them"
+                )
         try:
             check_types(self.gguf_types)
         except ValueError as exc:

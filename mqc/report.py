@@ -144,8 +144,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "size" in report:
         z = report["size"]
         budget = f", budget {z['budget_bpw']:.3f} bpw ({z['budget_bytes'] / 1e6:.2f} MB)" if "budget_bpw" in z else ""
+        target = report["recipe"].get("target", "torch")
         lines.append(
-            f"whole model: {z['total_bytes'] / 1e6:.2f} MB, {z['bpw']:.3f} bits/weight over {z['params']:,} parameters "
+            f"whole model as target {target} stores it: {z['total_bytes'] / 1e6:.2f} MB, {z['bpw']:.3f} bits/weight over {z['params']:,} parameters "
             f"(every tensor: {z['plan_bytes'] / 1e6:.2f} MB planned + {z['fixed_bytes'] / 1e6:.2f} MB other tensors: fp16, F32 norms in a GGUF){budget}"
         )
     lines.append(

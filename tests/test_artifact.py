@@ -17,8 +17,8 @@ from mqc.runtime import artifact
 from mqc.runtime.modules import QLinear
 
 RECIPES = {
-    # tied embedding left in fp16 (stored once, aliased), plain QLinears
-    "llama-rtn4": ("llama", dict(bits=4, group_size=32)),
+    # tied embedding left in fp16 (stored once, aliased), plain QLinears; the CUDA kernels' target
+    "llama-rtn4": ("llama", dict(bits=4, group_size=32, target="cuda")),
     # untied quantized embedding that owns its table, biases, outliers
     "qwen2-emb-outliers": ("qwen2", dict(bits=3, group_size=32, quantize_embeddings=True, outlier_frac=0.02)),
     # Conv1D layers, fused QKV
@@ -83,6 +83,9 @@ def test_file_size_is_accounted_bytes_plus_header(saved):
     nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in tensors.items()}
     accounting = manifest["accounting"]
     assert size == 8 + header_len + sum(nbytes.values()) == 8 + header_len + accounting["tensor_bytes"]
+    # the torch and cuda targets store mqc's formats as they are: planned whole-model bytes = stored
+    assert accounting["target"] == compiled.recipe.target in ("torch", "cuda")
+    assert accounting["model_bytes"] == compiled.model_bytes == accounting["tensor_bytes"]
     # the runtime modules' tensors are exactly the bytes the plan accounted for, layer by layer
     for entry in manifest["plan"]:
         stored = sum(n for k, n in nbytes.items() if k.startswith(entry["qualname"] + "."))

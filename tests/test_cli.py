@@ -63,7 +63,10 @@ def test_compile_inspect_eval_generate(tiny_dir, tmp_path, capsys, monkeypatch):
     onnx_dir = tmp_path / "onnx"
     assert main(["export", str(out), "--onnx", str(onnx_dir), "--accuracy-level", "0"]) == 0
     assert json.loads((onnx_dir / "mqc_onnx.json").read_text())["accuracy_level"] == 0
-    capsys.readouterr()
+    assert "(= planned for target torch)" in capsys.readouterr().out  # 4-bit: ONNX stores the plan's bytes
+    assert main(["export", str(out), "--onnx", str(out), "--force"]) == 2  # an artifact is not an export
+    assert "is not an mqc ONNX export; not replacing it even with --force" in capsys.readouterr().err
+    assert (out / "manifest.json").is_file()
     assert main(["generate", "--onnx", str(onnx_dir), "--prompt", "the a of", "--max-new-tokens", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == new_tokens
 
@@ -118,7 +121,7 @@ def test_size_sweep_writes_one_artifact_per_size(tiny_dir, tmp_path, capsys):
             "--calib-file", str(text), "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "whole model:" in printed and "search: measured KL" in printed
+    assert "whole model as target torch stores it:" in printed and "search: measured KL" in printed
     reports = {p.name: json.loads((p / "report.json").read_text()) for p in out.iterdir()}
     assert set(reports) == {"mq-5bpw", "mq-3.5bpw"}
     for name, report in reports.items():

@@ -11,6 +11,8 @@ and is held to ``ATOL_INT8`` relative to the largest logit.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 
 import numpy as np
@@ -224,6 +226,35 @@ def test_mixed_widths_and_float_layers(tmp_path):
     formats = json.loads((out / "mqc_onnx.json").read_text())["layers"]
     assert formats["model.layers.0.self_attn.k_proj"].startswith("MatMulNBits (3-bit")
     assert_parity(model, out)
+
+
+@pytest.mark.parametrize(
+    "family, recipe",
+    [
+        ("qwen2", dict(bits=3, group_size=32, quantize_embeddings=True)),  # biases, untied embedding
+        ("llama", dict(method="mq", size="5bpw", allowed_bits=(2, 3, 4, 8, 16), search="none")),
+    ],
+)
+def test_planned_bytes_are_deployed_bytes(tmp_path, family, recipe):
+    """Target onnx prices every layer as MatMulNBits stores it: the export's model tensors are the
+    plan's whole-model bytes exactly (the exporter checks it); target torch prices 3-bit codes as
+    3-bit, which the ONNX file stores as 4-bit."""
+    model = tiny(family, head_dim=32)
+    on_onnx = compiled(copy.deepcopy(model), target="onnx", **recipe)
+    assert all(e.bits != 3 or e.stored_bits == 4 for e in on_onnx.plan.values())
+    out = export_onnx(on_onnx, None, tmp_path / "onnx", planned_bytes=on_onnx.model_bytes)
+    config = json.loads((out / "mqc_onnx.json").read_text())
+    assert config["model_tensor_bytes"] == on_onnx.model_bytes
+    assert 0 < config["derived_bytes"] < sum(config["bytes"].values())
+    n_params = sum(p.numel() for p in model.parameters())
+    if recipe.get("method") == "mq":  # 3 bits are not offered on onnx; the budget holds in ONNX bytes
+        assert all(e.bits != 3 for e in on_onnx.plan.values()) and on_onnx.model_bytes <= 5 * n_params / 8
+    on_torch = compiled(copy.deepcopy(model), **recipe)
+    has_3bit = any(e.bits == 3 for e in on_torch.plan.values())
+    if recipe.get("method") != "mq":
+        assert has_3bit and on_torch.model_bytes < on_onnx.model_bytes
+    with pytest.raises(RuntimeError, match="!= planned") if has_3bit else contextlib.nullcontext():
+        export_onnx(on_torch, None, tmp_path / "torch", planned_bytes=on_torch.model_bytes)
 
 
 def test_untied_quantized_embedding_with_bias(tmp_path):

@@ -107,6 +107,8 @@ def test_top_level_must_be_a_mapping():
         ({"kv": {"budget_frac": 0.0}}, "kv budget_frac"),
         ({"calib": {"n_samples": 0}}, "n_samples"),
         ({"calib": {"seq_len": 1}}, "seq_len"),
+        ({"target": "tpu"}, "unknown target 'tpu'; use one of torch, cuda, onnx, gguf"),
+        ({"method": "mq", "target": "onnx", "allowed_bits": [3]}, "stores none of the allowed widths"),
     ],
 )
 def test_invalid_values_raise_recipe_error(data, says):

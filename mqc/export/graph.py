@@ -45,10 +45,13 @@ class WeightStore:
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.derived: set[str] = set()  # computed for the graph (rotary tables, constants): no model tensor
 
-    def add(self, name: str, array: np.ndarray) -> str:
+    def add(self, name: str, array: np.ndarray, derived: bool = False) -> str:
         """Register ``array`` under ``name``; a second call with the same name must agree."""
         known = self.arrays.get(name)
+        if derived:
+            self.derived.add(name)
         if known is None:
             self.arrays[name] = array if array.flags.c_contiguous else array.copy()
         elif known.shape != array.shape or known.dtype != array.dtype:
@@ -66,6 +69,13 @@ class WeightStore:
             entry = proto.external_data.add()
             entry.key, entry.value = key, str(value)
         return proto
+
+    def model_bytes(self, names: Sequence[str]) -> int:
+        """Bytes of the model's own tensors among ``names``: what a plan prices."""
+        return sum(self.arrays[n].nbytes for n in set(names) - self.derived)
+
+    def derived_bytes(self, names: Sequence[str]) -> int:
+        return sum(self.arrays[n].nbytes for n in set(names) & self.derived)
 
     def write(self, path: Path, names: Sequence[str]) -> dict[str, int]:
         """Write the large arrays among ``names`` to ``path``; their byte offsets by name."""
@@ -131,9 +141,10 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else list(outputs)
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """An initializer (registered in the shared store) used by this graph."""
-        self.used_weights[self.weights.add(name, array)] = None
+    def weight(self, name: str, array: np.ndarray, derived: bool = False) -> str:
+        """An initializer (registered in the shared store) used by this graph; ``derived``: computed
+        for the graph (not a model tensor, so no plan prices it)."""
+        self.used_weights[self.weights.add(name, array, derived)] = None
         return name
 
     def stored_float(self, name: str, tensor: torch.Tensor) -> str:
@@ -158,7 +169,7 @@ class GraphBuilder:
         """A small constant (shapes, axes, indices), deduplicated by value."""
         array = np.asarray(values, dtype=dtype)
         key = f"const/{array.dtype}/{list(array.shape)}/{array.ravel().tolist()}"
-        return self.weight(key, array)
+        return self.weight(key, array, derived=True)
 
     def add_input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))

@@ -151,7 +151,7 @@ def emit_linear(g: GraphBuilder, x: str, parts: LinearParts, accuracy_level: int
     """``y = x @ W^T + b (+ outliers)`` for ``x [..., K]``; returns the name of ``y [..., N]``.
     ``exact_sums``: outlier sums in float64 (see :func:`_add_outliers`)."""
     with g.scope(parts.name):
-        bias = None if parts.bias is None else g.weight(f"{parts.name}.bias", to_numpy(parts.bias.float()))
+        bias = None if parts.bias is None else g.float_weight(f"{parts.name}.bias", parts.bias)
         if parts.packed is not None:
             qw = parts.packed
             inputs = [x, *packed_inputs(g, parts.name, qw)]

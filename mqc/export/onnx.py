@@ -86,11 +86,13 @@ def export_onnx(
     *,
     force: bool = False,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    planned_bytes: int | None = None,
 ) -> Path:
     """Export ``model`` (an :class:`mqc.CompiledModel`, a model loaded by ``mqc.load``, or a plain
     Hugging Face model of a supported family) to ``out_dir`` for onnxruntime, with ``tokenizer``'s
     files (None: a CompiledModel's own tokenizer, or none); see the module
-    docstring for the layout and ``accuracy_level``."""
+    docstring for the layout and ``accuracy_level``. ``planned_bytes``: the whole-model bytes a
+    plan for the ``onnx`` target priced; the export's model tensors must be exactly that many."""
     module, own_tokenizer = _unwrap(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if accuracy_level not in ACCURACY_LEVELS:
@@ -114,7 +116,11 @@ def export_onnx(
         kv = kv_layout(module)
         if kv["kind"] == "standard":  # onnxruntime-genai knows only plain K/V caches
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(module, spec), indent=2))
-        (tmp / MQC_CONFIG).write_text(json.dumps(mqc_config(module, spec, accuracy_level, kv, tmp), indent=2))
+        tensors = {"model_tensor_bytes": weights.model_bytes(names), "derived_bytes": weights.derived_bytes(names)}
+        if planned_bytes is not None and tensors["model_tensor_bytes"] != planned_bytes:  # a bug, not a user error
+            raise RuntimeError(f"ONNX model tensors {tensors['model_tensor_bytes']:,} bytes != planned {planned_bytes:,} bytes")
+        config = mqc_config(module, spec, accuracy_level, kv, tmp, tensors)
+        (tmp / MQC_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -218,9 +224,13 @@ def _layer_formats(module: torch.nn.Module) -> dict[str, str]:
 
 
 def mqc_config(
-    module: torch.nn.Module, spec: DecoderSpec, accuracy_level: int, kv: dict[str, Any], root: Path
+    module: torch.nn.Module, spec: DecoderSpec, accuracy_level: int, kv: dict[str, Any], root: Path,
+    tensors: dict[str, int],
 ) -> dict[str, Any]:
-    """``mqc_onnx.json``: what was exported and how, for people and for :class:`OnnxLM`."""
+    """``mqc_onnx.json``: what was exported and how, for people and for :class:`OnnxLM`.
+    ``tensors``: bytes of the model's own tensors in the graphs' initializers (what a plan for
+    the ``onnx`` target prices: every stored byte of every weight, norm and scale) and of the
+    derived ones (rotary tables, constants)."""
     _, eos, _ = _token_ids(module)
     return {
         "format": "mqc-onnx",
@@ -233,6 +243,7 @@ def mqc_config(
         "kv_cache": kv,
         "layers": _layer_formats(module),
         "bytes": {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.is_file()},
+        **tensors,
     }
 
 

@@ -1,4 +1,4 @@
-"""Uniform round-to-nearest plan: every selected unit at the recipe's one width."""
+"""Uniform plan: every selected unit at the recipe's one width, priced as its target stores it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class UniformPlan(Pass):
         recipe = ctx.recipe
         bits = int(recipe.bits)
         plan = {
-            name: plan_entry(unit, bits, recipe.group_size, recipe.outlier_frac)
+            name: plan_entry(unit, bits, recipe.group_size, recipe.outlier_frac, recipe.target)
             for name, unit in ctx[keys.UNITS].items()
         }
         ctx.results[keys.BIT_PLAN] = plan

@@ -16,6 +16,7 @@ from mqc import quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.size import model_size
+from mqc.targets import GGUF, TARGETS
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class LayerPlan:
 
     ``fmt`` names a llama.cpp type (:mod:`mqc.quant_ggml`) when the plan targets GGUF; ``bits``
     and ``group_size`` are then its code width and block (16 and 0 for F16), and the bias is
-    priced as GGUF stores it, in F32.
+    priced as GGUF stores it, in F32. ``stored_bits`` is the width the plan's target stores a
+    ``bits``-wide layer in, when that differs (:mod:`mqc.targets`: 3-bit codes are 4-bit codes
+    in ONNX); the layer is priced at it.
     """
 
     qualname: str
@@ -55,15 +58,15 @@ class LayerPlan:
     in_features: int
     has_bias: bool
     fmt: str | None = None
+    stored_bits: int | None = None
 
     @property
     def nbytes(self) -> int:
         if self.fmt is not None:
             bias = 4 * self.out_features if self.has_bias else 0
             return quant_ggml.tensor_bytes(self.fmt, self.out_features, self.in_features) + bias
-        return quant.layer_bytes(
-            self.out_features, self.in_features, self.bits, self.group_size, self.n_outliers, self.has_bias
-        )
+        bits = self.stored_bits or self.bits
+        return quant.layer_bytes(self.out_features, self.in_features, bits, self.group_size, self.n_outliers, self.has_bias)
 
     @property
     def n_weights(self) -> int:
@@ -74,11 +77,13 @@ Choice = tuple[int, int | None] | str  # (bits, group size; None for 16-bit) or 
 
 
 def choices(recipe) -> list[Choice]:
-    """Every option the allocator may give a layer: (bits, group size) pairs, or the recipe's
-    llama.cpp types when it targets GGUF."""
-    if recipe.target == "gguf":
+    """Every option the allocator may give a layer: (bits, group size) pairs of the widths the
+    target stores natively (another width would cost the next native one's bytes at its own,
+    larger error), or the recipe's llama.cpp types when it targets GGUF."""
+    if recipe.target == GGUF:
         return list(recipe.gguf_choice_types)
-    out: list[Choice] = [(b, g) for b in recipe.quant_bits for g in recipe.group_sizes]
+    target = TARGETS[recipe.target]
+    out: list[Choice] = [(b, g) for b in recipe.quant_bits if target.native(b) for g in recipe.group_sizes]
     return out + ([(quant.FP16_BITS, None)] if quant.FP16_BITS in recipe.allowed_bits else [])
 
 
@@ -95,9 +100,14 @@ def choice_label(choice: Choice) -> str:
     return str(bits) if group is None else f"{bits}/g{group}"
 
 
-def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float) -> LayerPlan:
+def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float, target: str = "torch") -> LayerPlan:
+    """``unit`` at ``bits`` / ``group_size``, priced as ``target`` stores it."""
     n_out = 0 if bits == quant.FP16_BITS else quant.n_outliers_for(unit.out_features, unit.in_features, outlier_frac)
-    return LayerPlan(unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias)
+    stored = TARGETS[target].stored_bits(bits)
+    return LayerPlan(
+        unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias,
+        stored_bits=None if stored == bits else stored,
+    )  # fmt: skip
 
 
 def plan_for(unit: WeightUnit, choice: Choice, recipe) -> LayerPlan:
@@ -107,7 +117,7 @@ def plan_for(unit: WeightUnit, choice: Choice, recipe) -> LayerPlan:
         u = unit
         return LayerPlan(u.qualname, choice_bits(choice), block, 0, u.out_features, u.in_features, u.has_bias, choice)
     bits, group = choice
-    return plan_entry(unit, bits, group or recipe.group_size, recipe.outlier_frac)
+    return plan_entry(unit, bits, group or recipe.group_size, recipe.outlier_frac, recipe.target)
 
 
 def unit_choices(unit: WeightUnit, recipe) -> list[Choice]:
@@ -175,5 +185,5 @@ class SelectUnits(Pass):
             vocab, hidden = input_embedding.weight.shape
             units[emb_name] = WeightUnit(emb_name, vocab, hidden, False, embedding=emb_name)
         ctx.results[keys.UNITS] = units
-        ctx.results[keys.MODEL_SIZE] = model_size(model, set(units), gguf=recipe.target == "gguf")
+        ctx.results[keys.MODEL_SIZE] = model_size(model, set(units), gguf=recipe.target == GGUF)
         return PassResult(False, f"{len(units)} weight tensors selected")

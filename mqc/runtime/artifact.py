@@ -110,6 +110,8 @@ def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[
                 "plan_bytes": sum(p["bytes"] for p in plan),
                 "plan_weights": sum(p["out_features"] * p["in_features"] for p in plan),
                 "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                "target": compiled.recipe.target,
+                "model_bytes": compiled.model_bytes,  # planned whole-model bytes on the target
             },
             "recipe": compiled.recipe.to_dict(),
             "tokenizer": compiled.tokenizer is not None,
