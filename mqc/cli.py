@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--cpu-kernels", default="packed", choices=["packed", "dense"], help=CPU_KERNELS_HELP)
     g.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="measure speed")
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=int, default=128)
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph (StaticCache)")
+    d.add_argument("--cpu-kernels", default="packed", choices=["packed", "dense"], help=CPU_KERNELS_HELP)
     d.add_argument("--json", action="store_true")
     return parser
 
@@ -344,9 +347,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _on_device(model, device: str):
-    """The model on ``device``: on CUDA, fp16 with sibling projections fused (one launch each)."""
+CPU_KERNELS_HELP = (
+    "an artifact on the CPU: packed (default) keeps the weights compressed in memory (int4 kernels, bfloat16 "
+    "activations); dense multiplies by a float32 copy of every weight (the exact reference, several times the memory)"
+)
+
+
+def _on_device(model, device: str, cpu_kernels: str = "packed"):
+    """The model on ``device``: on CUDA, fp16 with sibling projections fused (one launch each); on
+    the CPU an artifact's layers on compressed kernels unless ``cpu_kernels`` is "dense"."""
     if device == "cpu":
+        from mqc.runtime.cpu import deploy_on_cpu
+        from mqc.runtime.modules import QLinear
+
+        if cpu_kernels == "packed" and any(isinstance(m, QLinear) for m in model.modules()):
+            deploy_on_cpu(model)
         return model
     import torch
 
@@ -366,20 +381,22 @@ def _on_device(model, device: str):
 
 def cmd_bench(args) -> int:
     from mqc.bench import decode_benchmark
+    from mqc.report import peak_rss_bytes
     from mqc.models import load_any
 
     model, tokenizer = load_any(args.model)
     if tokenizer is None:
         raise MqcError(f"{args.model} has no tokenizer; a text prompt needs one")
-    model = _on_device(model, args.device)
+    model = _on_device(model, args.device, args.cpu_kernels)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     r = decode_benchmark(model, ids, args.new_tokens, args.device, cuda_graph=args.cuda_graph)
+    r["peak_rss_bytes"] = peak_rss_bytes()
     note = f" (CUDA graph refused: {r['cuda_graph_error']})" if "cuda_graph_error" in r else ""
     print(
         json.dumps(r)
         if args.json
         else f"{r['tokens_per_s']:.1f} tokens/s, {r['ms_per_token']:.2f} ms/token ({r['mode']}, {args.device}); "
-        f"prefill {r['prompt_tokens']} tokens in {1000 * r['prefill_s']:.1f} ms{note}"
+        f"prefill {r['prompt_tokens']} tokens in {1000 * r['prefill_s']:.1f} ms; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB{note}"
     )
     return 0
 
@@ -447,20 +464,28 @@ def cmd_generate(args) -> int:
     if args.model is None:
         raise MqcError("generate needs MODEL (an artifact, a local HF model dir or 'default') or --onnx DIR")
     from mqc.models import load_any
+    from mqc.report import peak_rss_bytes
 
     model, tokenizer = load_any(args.model)
     if tokenizer is None:
         raise MqcError(f"{args.model} has no tokenizer; generation from a text prompt needs one")
-    model = _on_device(model, args.device)
+    model = _on_device(model, args.device, args.cpu_kernels)
     ids = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     sampling = dict(do_sample=True, temperature=0.7, top_p=0.95) if args.sample else dict(do_sample=False)
+    start = time.perf_counter()
     out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - start
     new = out[0, ids["input_ids"].shape[1] :]
     text = tokenizer.decode(new, skip_special_tokens=True)
+    facts = {"tokens_per_s": len(new) / seconds, "peak_rss_bytes": peak_rss_bytes()}
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text, "tokens": new.tolist(), **facts}))
+        return 0
+    print(args.prompt + text)
     print(
-        json.dumps({"prompt": args.prompt, "completion": text, "tokens": new.tolist()})
-        if args.json
-        else args.prompt + text
+        f"mqc: {len(new)} tokens in {seconds:.2f} s ({facts['tokens_per_s']:.1f} tokens/s, prompt included), "
+        f"peak RSS {facts['peak_rss_bytes'] / 2**20:.0f} MiB",
+        file=sys.stderr,
     )
     return 0
 

@@ -21,9 +21,13 @@ from mqc.passes import keys
 from mqc.passes.units import choice_label
 
 
-def peak_rss_mib() -> float:
+def peak_rss_bytes() -> int:
     """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_mib() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 def cpu_model() -> str:

@@ -74,25 +74,12 @@ MQC_RECIPES = {
     "gptq4_g64": {"bits": 4, "group_size": 64, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq4_g32": {"bits": 4, "group_size": 32, "quantize_embeddings": True, "quantizer": "gptq"},
     "gptq3_g128": {"bits": 3, "group_size": 128, "quantize_embeddings": True, "quantizer": "gptq"},
-    # mq with LLM-MQ's RTN-delta costs, as this benchmark first measured it: Fisher sensitivity,
-    # groups of 64, 0.5% outliers, lowered with sequential GPTQ (the earlier sweep's best; the
-    # first-order sensitivity without outliers gave perplexities in the hundreds at 4.2 bits)
-    **{
-        f"mq{bits}": {
-            "method": "mq",
-            "bits": bits,
-            "group_size": 64,
-            "allowed_group_sizes": (64,),
-            "quantize_embeddings": True,
-            "sensitivity": "fisher",
-            "outlier_frac": 0.005,
-            "quantizer": "gptq",
-        }
-        for bits in (4.2, 3.0)
-    },
+    # mixed precision as mqc compiles it by default, planned for onnxruntime (--target onnx: no 3-bit
+    # codes, every byte priced as MatMulNBits stores it) at whole-model sizes
+    **{f"mq{bpw}": {"method": "mq", "size": f"{bpw}bpw", "target": "onnx"} for bpw in (3.5, 4.5)},
 }
 EXACT_TOO = ("rtn4_g128", "gptq4_g32")  # also exported with float32 activations (``_acc0``)
-CALIBRATED = ("gptq4_g128", "gptq4_g64", "gptq4_g32", "mq4.2", "mq3.0")
+CALIBRATED = ("gptq4_g128", "gptq4_g64", "gptq4_g32", "gptq3_g128", "mq3.5", "mq4.5")
 
 
 @dataclass

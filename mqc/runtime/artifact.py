@@ -17,10 +17,11 @@ stored once and listed under ``aliases``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,8 @@ def load(path: str | os.PathLike):
     root = Path(path)
     manifest = read_manifest(root)
     config = _read_part(root, "config.json", lambda: AutoConfig.from_pretrained(root, local_files_only=True))
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
     model = model.float().eval()
     # Owned modules first: a tied embedding refers to the module that owns its table.
     records = sorted(manifest["modules"].items(), key=lambda item: bool(item[1]["config"].get("tied_to")))
@@ -181,7 +183,9 @@ def load(path: str | os.PathLike):
         cls = RUNTIME_MODULES.get(record["kind"])
         if cls is None:
             raise ArtifactError(f"{root} uses module kind {record['kind']!r} unknown to mqc {__version__}; upgrade mqc")
-        model.set_submodule(name, cls.from_config(record["config"], model))
+        with torch.device("meta"):
+            module = cls.from_config(record["config"], model)
+        model.set_submodule(name, module)
     try:
         tensors = load_file(root / manifest["tensors"]["file"])
     except SafetensorError as exc:
@@ -194,16 +198,44 @@ def load(path: str | os.PathLike):
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise ArtifactError(f"{root}: tensors do not match the model ({what}); recompile the artifact")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            target = expected[name]
-            if target.shape != tensor.shape:
-                raise ArtifactError(f"{root}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor.to(target.dtype))
+    converted: dict[int, torch.Tensor] = {}  # one converted tensor per stored one (tied names share it)
+    for name, tensor in tensors.items():
+        target = expected[name]
+        if target.shape != tensor.shape:
+            raise ArtifactError(f"{root}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        tensors[name] = converted.setdefault(id(tensor), tensor.to(target.dtype))
+    model.load_state_dict(tensors, assign=True)
+    for alias, source in manifest["aliases"].items():  # tied parameters: one object again, not two views
+        owner, _, attr = alias.rpartition(".")
+        if isinstance(getattr(model.get_submodule(owner), attr), torch.nn.Parameter):
+            setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+    for module in model.modules():  # the runtime modules' non-persistent buffers (empty dtype probes)
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                setattr(module, key, torch.empty(buffer.shape, dtype=buffer.dtype))
     tokenizer = None
     if manifest["tokenizer"]:
         tokenizer = _read_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, local_files_only=True))
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a model without memory for its parameters (the artifact's tensors are assigned to it
+    afterwards; allocating the float model first would make loading a 3-bit model need the fp32
+    model's memory). Buffers stay real: rotary tables are computed at construction, not stored."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _read_part(root: Path, what: str, read: Callable[[], Any]) -> Any:

@@ -8,6 +8,7 @@ swapped module and the tensors in one safetensors file, then loads them back by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ class QLinear(torch.nn.Module):
         else:
             self.outlier_crow = self.outlier_col = self.outlier_values = None
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if has_bias else None)
+        self.cpu_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # deployed CPU kernel (mqc.runtime.cpu)
 
     @classmethod
     def from_weight(
@@ -142,8 +144,19 @@ class QLinear(torch.nn.Module):
         sparse = self.outliers()
         return out if sparse is None else out + sparse.dense_rows(rows)
 
+    def release_packed(self) -> None:
+        """Drop the packed buffers once a deployed CPU kernel (``self.cpu_kernel``) holds the weight."""
+        if self.cpu_kernel is None:
+            raise RuntimeError("release_packed() needs a deployed CPU kernel first")
+        for name in ("qweight", "scales", "qzeros", "outlier_crow", "outlier_col", "outlier_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
+        self._dense = self._dense_stamp = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            if self.cpu_kernel is not None:
+                return self.cpu_kernel(x)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self.cached_dense_weight(x.dtype), bias)
         return torch.ops.mqc.qlinear(
