@@ -22,9 +22,7 @@ from pathlib import Path
 from mqc.errors import ArtifactError
 
 
-def check_replaceable(
-    out: Path, force: bool, ours: Callable[[Path], bool], what: str, directory: bool = True
-) -> None:
+def check_replaceable(out: Path, force: bool, ours: Callable[[Path], bool], what: str, directory: bool = True) -> None:
     """Refuse (one-line :class:`ArtifactError`) to write over ``out`` unless it is absent, or
     ``force`` is given and ``out`` is ``what`` (an output ``ours`` recognises) or, for a
     ``directory`` output, an empty directory."""
@@ -34,7 +32,9 @@ def check_replaceable(
         raise ArtifactError(f"{out} already exists; choose another output or pass --force to replace it")
     empty_dir = directory and out.is_dir() and not out.is_symlink() and not any(out.iterdir())
     if out.is_symlink() or not (empty_dir or ours(out)):
-        raise ArtifactError(f"{out} exists and is not {what}; not replacing it even with --force, choose another output")
+        raise ArtifactError(
+            f"{out} exists and is not {what}; not replacing it even with --force, choose another output"
+        )
 
 
 @contextlib.contextmanager

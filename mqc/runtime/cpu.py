@@ -90,9 +90,13 @@ class CpuLinear:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def nbytes(self) -> int:
-        sparse = 0 if self.outliers is None else sum(
-            t.numel() * t.element_size()
-            for t in (self.outliers.crow_indices(), self.outliers.col_indices(), self.outliers.values())
+        sparse = (
+            0
+            if self.outliers is None
+            else sum(
+                t.numel() * t.element_size()
+                for t in (self.outliers.crow_indices(), self.outliers.col_indices(), self.outliers.values())
+            )
         )
         return self.kernel.nbytes() + sparse + (0 if self.bias is None else self.bias.numel() * 4)
 
