@@ -511,6 +511,12 @@ def outlier_bytes(out_features: int, in_features: int, n_outliers: int) -> int:
     return (out_features + 1) * _CSR_ROW_PTR_BYTES + n_outliers * (idx + _FP16_BYTES)
 
 
+def ell_outlier_bytes(out_features: int, in_features: int, per_row: int) -> int:
+    """ELL bytes (``per_row`` column indices and fp16 values in every row; ONNX exports)."""
+    idx = 2 if in_features <= 2**16 else 4  # uint16 column indices where they fit
+    return out_features * per_row * (idx + _FP16_BYTES)
+
+
 def layer_bytes(
     out_features: int,
     in_features: int,

@@ -12,8 +12,10 @@ Variants (built once under --work, reused on later runs unless --rebuild):
 * ``rtn4_g128`` / ``rtn4_g64`` / ``rtn4_g32``: mqc uniform 4-bit round-to-nearest, groups of
   128/64/32 (embedding/lm_head included, tied as in the model);
 * ``gptq4_g128`` / ``gptq4_g64`` / ``gptq4_g32``: uniform 4-bit with mqc's sequential GPTQ;
-* ``mq4.2`` / ``mq3.0``: mqc mixed precision at 4.2 / 3.0 average bits, every overhead counted
-  (sensitivity measured once, both budgets allocated from it), lowered with sequential GPTQ;
+  ``gptq3_g128``: uniform 3-bit, which ONNX stores as 4-bit codes (the size of ``gptq4_g128``);
+* ``mq3.5`` / ``mq4.5``: mqc mixed precision, default recipe, planned for onnxruntime
+  (``target="onnx"``) at 3.5 / 4.5 whole-model bits per weight (every tensor counted; the
+  analysis is shared by both sizes); the exporter checks the files hold exactly the planned bytes;
 * ``rtn4_g128_acc0`` / ``gptq4_g32_acc0``: those models exported with float32 activations
   (exact mode).
 
@@ -28,6 +30,11 @@ graphs (mqc.data.perplexity's protocol: Brown eval split, context = stride = 512
 ``--tokens`` tokens), the torch runtime's perplexity on the same tokens for the mqc variants, and
 greedy agreement with the torch runtime (32 tokens, three prompts). Where onnxruntime-genai is
 installed, its own generator's decode speed is measured for the variants it can load.
+
+Rows (``benchmarks/results/onnx_cpu.json``): ``kind`` ("fp32", "genai", "uniform", "mq"),
+``variant``, ``bpw`` (whole model: the model's tensors in the ONNX files, rotary tables and graph
+apart; onnxruntime-genai's build: its decode files), ``planned_bpw`` (what the plan priced),
+``decode_tok_s``, ``prefill_512_s``, ``ppl`` and ``decode_vs_genai_int4_paired_median``.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ CALIBRATED = ("gptq4_g128", "gptq4_g64", "gptq4_g32", "gptq3_g128", "mq3.5", "mq
 class Variant:
     name: str
     path: Path
-    kind: str  # "mqc" | "fp32" | "genai"
+    kind: str  # "fp32" | "genai" | "uniform" | "mq"
     recipe: str | None = None
     accuracy_level: int | None = None
     facts: dict = field(default_factory=dict)
@@ -165,14 +172,20 @@ def build_variants(
         compiled, manifest = compile_cached(name, work, rebuild, model, tokenizer, calib, analyses)
         torch_models[name] = compiled
         levels = (4, 0) if name in EXACT_TOO else (4,)
+        accounting = manifest["accounting"]
+        planned = accounting.get("model_bytes") if accounting.get("target") == "onnx" else None
         for level in levels:
             label = name if level == 4 else f"{name}_acc0"
             out = work / "onnx" / label
-            export_onnx(compiled, tokenizer, out, force=True, accuracy_level=level)
+            # planned_bytes: the exporter checks that the file holds exactly what an onnx plan priced
+            export_onnx(compiled, tokenizer, out, force=True, accuracy_level=level, planned_bytes=planned)
             facts = {
-                "plan_average_bits": manifest["accounting"]["plan_bytes"] * 8 / manifest["accounting"]["plan_weights"]
+                "plan_average_bits": accounting["plan_bytes"] * 8 / accounting["plan_weights"],
+                "planned_bytes": accounting.get("model_bytes"),
+                "planned_target": accounting.get("target"),
             }
-            variants.append(Variant(label, out, "mqc", name, level, facts))
+            kind = "mq" if MQC_RECIPES[name].get("method") == "mq" else "uniform"
+            variants.append(Variant(label, out, kind, name, level, facts))
     return variants, torch_models, notes
 
 
@@ -311,7 +324,11 @@ def folder_bytes(path: Path) -> dict[str, int]:
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     graphs = sum(size for name, size in files.items() if name.endswith((".onnx", ".onnx.data", ".data")))
     decode_only = sum(size for name, size in files.items() if name in ("model.onnx", "model.onnx.data"))
-    return {"model_files_bytes": graphs, "decode_model_bytes": decode_only, "all_files_bytes": sum(files.values())}
+    sizes = {"model_files_bytes": graphs, "decode_model_bytes": decode_only, "all_files_bytes": sum(files.values())}
+    config = path / "mqc_onnx.json"
+    if config.is_file():
+        sizes["model_tensor_bytes"] = json.loads(config.read_text())["model_tensor_bytes"]
+    return sizes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +356,8 @@ TABLE = (  # header, row key, width, format
     ("prefill512 s", "prefill_512_s", 14, ".3f"),
     ("x fp32", "prefill_vs_fp32_paired_median", 8, ".2f"),
     ("MB", "decode_model_mb", 8, ".1f"),
-    ("bits/w", "file_bits_per_weight", 8, ".2f"),
+    ("bpw", "bpw", 7, ".2f"),
+    ("planned", "planned_bpw", 8, ".2f"),
     ("og tok/s", "genai_generator_decode_tok_s", 10, ".1f"),
     ("ppl onnx", "ppl_onnx", 10, ".2f"),
     ("ppl torch", "ppl_torch_runtime", 11, ".2f"),
@@ -419,18 +437,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         row.update(**v.facts, **timings[v.name], **folder_bytes(v.path))
         row["ppl_onnx"] = perplexity(OrtLogits(sessions[v.name]), eval_ids, max_tokens=args.tokens, progress=False)
-        if v.kind == "mqc":
+        if v.kind in ("uniform", "mq"):
             runtime = torch_models[v.recipe]
             row["parity"] = parity(sessions[v.name], dense_reference(runtime), runtime, tokenizer)
             if v.accuracy_level == 4:
                 row["ppl_torch_runtime"] = perplexity(runtime, eval_ids, max_tokens=args.tokens, progress=False)
-        if v.kind in ("mqc", "genai") and (v.path / "genai_config.json").is_file():
+        if v.kind in ("uniform", "mq", "genai") and (v.path / "genai_config.json").is_file():
             row["genai_generator_decode_tok_s"] = genai_decode_tok_s(v.path, eval_ids[None, :PROMPT_TOKENS].numpy())
         rows.append(row)
     n_params = sum(p.numel() for p in mqc.load_hf_model()[0].parameters())
     by_name = {r["variant"]: r for r in rows}
     for r in rows:
         r["file_bits_per_weight"] = 8 * r["decode_model_bytes"] / n_params
+        # whole-model bpw: the model's tensors as the ONNX files store them (mqc exports record them;
+        # onnxruntime-genai's build: its decode files, which also hold its graph and tables)
+        tensors = r.get("model_tensor_bytes") or r["decode_model_bytes"]
+        r["bpw"] = 8 * tensors / n_params
+        r["planned_bpw"] = 8 * r["planned_bytes"] / n_params if r.get("planned_bytes") else None
+        r["ppl"] = r["ppl_onnx"]
         r["decode_model_mb"] = r["decode_model_bytes"] / 1e6
         r["ppl_vs_fp32"] = r["ppl_onnx"] / by_name["fp32"]["ppl_onnx"]
         genai_og = by_name.get("genai_int4", {}).get("genai_generator_decode_tok_s")

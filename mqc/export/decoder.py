@@ -208,7 +208,7 @@ class DecoderGraph:
             return out
 
     def linear(self, x: str, parts: LinearParts) -> str:
-        return emit_linear(self.g, x, parts, self.level(parts), exact_sums=self.accuracy_level == 0)
+        return emit_linear(self.g, x, parts, self.level(parts))
 
     def level(self, parts: LinearParts) -> int:
         """``MatMulNBits``' activation type for a layer: the export's in the decode graph; in the

@@ -6,33 +6,18 @@ in the artifact. ``GatherBlockQuantized`` takes uint8 data of 2, 4 or 8 bits pac
 first along the row, which is mqc's layout; a 3-bit table is re-encoded as 4-bit (exact, see
 :mod:`mqc.export.linear`). A row padded to whole blocks is sliced back to the hidden size.
 
-Outliers of a quantized table are added per gathered row. CSR rows have different lengths, which
-ONNX cannot gather, so the export pads them to the longest row (ELL: ``[V, P]`` column indices
-and values, padding adds 0 at column 0) and scatter-adds the gathered rows. The padding costs
-``V * P * 4`` bytes (int16 columns would need a Cast per lookup; int32 keeps the graph simple).
+Outliers of a quantized table are added per gathered row from the ELL arrays its tied
+``lm_head`` uses (:func:`mqc.export.linear.ell_inputs`: stored once), scatter-added into the
+gathered rows (padding adds 0 at column 0).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mqc.export.graph import FLOAT, MS_DOMAIN, GraphBuilder, to_numpy
-from mqc.export.linear import as_matmul_nbits, packed_inputs
-from mqc.quant import SparseOutliers
+from mqc.export.graph import FLOAT, MS_DOMAIN, GraphBuilder
+from mqc.export.linear import Ell, as_matmul_nbits, ell_inputs, packed_inputs
 from mqc.runtime.modules import QEmbedding
-
-
-def to_ell(sparse: SparseOutliers) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR -> (columns int32 [V, P], fp16 values [V, P]) padded with (0, 0.0) to the longest row."""
-    counts = torch.diff(sparse.crow.long())
-    width = max(int(counts.max()), 1)
-    rows = torch.repeat_interleave(torch.arange(sparse.shape[0]), counts)
-    slot = torch.arange(rows.numel()) - torch.repeat_interleave(sparse.crow[:-1].long(), counts)
-    cols = torch.zeros(sparse.shape[0], width, dtype=torch.int32)
-    values = torch.zeros(sparse.shape[0], width, dtype=torch.float16)
-    cols[rows, slot] = sparse.col.to(torch.int32)
-    values[rows, slot] = sparse.values
-    return cols, values
 
 
 def emit_embedding(g: GraphBuilder, ids: str, module: torch.nn.Module, table_name: str) -> str:
@@ -66,11 +51,6 @@ def _gather_packed(g: GraphBuilder, ids: str, module: QEmbedding, table_name: st
     sparse = table.outliers()
     if sparse is None:
         return out
-    cols, values = to_ell(sparse)
-    col = g.op("Gather", [g.weight(f"{table_name}.outlier_ell_cols", to_numpy(cols)), ids], axis=0)
-    value = g.op(
-        "Cast",
-        [g.op("Gather", [g.weight(f"{table_name}.outlier_ell_values", to_numpy(values)), ids], axis=0)],
-        to=FLOAT,
-    )
+    cols, values = ell_inputs(g, table_name, Ell.of(sparse))
+    col, value = (g.op("Gather", [t, ids], axis=0) for t in (cols, values))
     return g.op("ScatterElements", [out, col, value], axis=-1, reduction="add")

@@ -10,10 +10,12 @@ as a gather / scale / segment sum.
 * Float layers (16-bit layers of a plan, or an uncompiled model) are ``MatMul`` against the
   stored ``[N, K]`` weight through a ``Transpose`` that onnxruntime folds at load, so a tied
   embedding can ``Gather`` the very same initializer.
-* Sparse outliers (CSR fp16 residuals) add ``sum_j x[col_j] * value_j`` into output
-  ``row_j`` as a segment sum in standard ops (gather, scale, running sum, difference at the
-  row bounds; see :func:`_add_outliers`); the result equals the runtime's
-  ``x @ (W_hat + S)^T`` up to float32 rounding.
+* Sparse outliers (fp16 residuals) are stored as ELL (:class:`Ell`: per output row the same
+  number of column indices and values; rows with fewer are padded with zeros, which a plan for
+  the ``onnx`` target never needs, see :mod:`mqc.targets`) and added as ``Gather`` of the
+  activations, ``Mul``, ``ReduceSum`` over each row's products (:func:`_add_outliers`): every
+  output sums its own few products, so the result equals the runtime's ``x @ (W_hat + S)^T``
+  up to float32 rounding whatever the number of outliers.
 
 Siblings reading the same input (q/k/v, gate/up) with the same format are concatenated along N
 into one node (:func:`fuse`): the packed layout is per output row, so concatenating rows of the
@@ -28,25 +30,46 @@ import numpy as np
 import torch
 
 from mqc import quant
-from mqc.export.graph import DOUBLE, FLOAT, INT64, MS_DOMAIN, GraphBuilder, to_numpy
+from mqc.export.graph import INT64, MS_DOMAIN, GraphBuilder, to_numpy
 from mqc.runtime.modules import QLinear
 
 MATMUL_NBITS_BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
-class Outliers:
-    """COO form of a layer's CSR outliers: output row, input column, fp16 residual."""
+class Ell:
+    """Outliers as ELL: ``cols [N, P]`` (int64) and fp16 ``values [N, P]``, padded with (0, 0)."""
 
-    rows: torch.Tensor  # int64 [nnz]
-    cols: torch.Tensor  # int64 [nnz]
-    values: torch.Tensor  # fp16 [nnz]
+    cols: torch.Tensor
+    values: torch.Tensor
 
     @classmethod
-    def of(cls, sparse: quant.SparseOutliers) -> Outliers:
+    def of(cls, sparse: quant.SparseOutliers) -> Ell:
         counts = torch.diff(sparse.crow.long())
+        width = max(int(counts.max()), 1)
         rows = torch.repeat_interleave(torch.arange(sparse.shape[0]), counts)
-        return cls(rows, sparse.col.long(), sparse.values)
+        slot = torch.arange(rows.numel()) - torch.repeat_interleave(sparse.crow[:-1].long(), counts)
+        cols = torch.zeros(sparse.shape[0], width, dtype=torch.int64)
+        values = torch.zeros(sparse.shape[0], width, dtype=torch.float16)
+        cols[rows, slot] = sparse.col.long()
+        values[rows, slot] = sparse.values
+        return cls(cols, values)
+
+    @classmethod
+    def empty(cls, rows: int) -> Ell:
+        return cls(torch.zeros(rows, 0, dtype=torch.int64), torch.zeros(rows, 0, dtype=torch.float16))
+
+    def to_dense(self, in_features: int) -> torch.Tensor:
+        dense = torch.zeros(self.cols.shape[0], in_features)
+        return dense.scatter_add_(1, self.cols, self.values.float())
+
+
+def ell_inputs(g: GraphBuilder, name: str, ell: Ell) -> tuple[str, str]:
+    """(int64 columns, float32 values) of a layer's ELL outliers, stored as uint16 (or uint32)
+    columns and fp16 values, each widened by a Cast that onnxruntime folds at load: the file holds
+    the bytes the onnx target prices (:func:`mqc.quant.ell_outlier_bytes`). An embedding reads the
+    same initializers as its tied ``lm_head``."""
+    return _index(g, f"{name}.outlier_cols", ell.cols), g.float_weight(f"{name}.outlier_values", ell.values)
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class LinearParts:
     packed: quant.QuantizedWeight | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    outliers: Outliers | None = None
+    outliers: Ell | None = None
 
     @property
     def fuse_key(self) -> tuple:
@@ -92,7 +115,7 @@ def linear_parts(name: str, module: torch.nn.Module) -> LinearParts:
             name, module.out_features, module.in_features,
             packed=as_matmul_nbits(module.quantized_weight()),
             bias=bias,
-            outliers=None if sparse is None else Outliers.of(sparse),
+            outliers=None if sparse is None else Ell.of(sparse),
         )  # fmt: skip
     weight = module.weight.detach()
     return LinearParts(name, weight.shape[0], weight.shape[1], weight=weight, bias=bias)
@@ -104,17 +127,14 @@ def _cat_bias(parts: list[LinearParts]) -> torch.Tensor | None:
     return torch.cat([torch.zeros(p.out_features) if p.bias is None else p.bias.float() for p in parts])
 
 
-def _cat_outliers(parts: list[LinearParts]) -> Outliers | None:
+def _cat_outliers(parts: list[LinearParts]) -> Ell | None:
+    """Siblings' ELL rows stacked, padded to the widest (equal widths on the onnx target)."""
     if all(p.outliers is None for p in parts):
         return None
-    rows, cols, values, offset = [], [], [], 0
-    for p in parts:
-        if p.outliers is not None:
-            rows.append(p.outliers.rows + offset)
-            cols.append(p.outliers.cols)
-            values.append(p.outliers.values)
-        offset += p.out_features
-    return Outliers(torch.cat(rows), torch.cat(cols), torch.cat(values))
+    ells = [p.outliers or Ell.empty(p.out_features) for p in parts]
+    width = max(e.cols.shape[1] for e in ells)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return Ell(torch.cat([pad(e.cols) for e in ells]), torch.cat([pad(e.values) for e in ells]))
 
 
 def fuse(name: str, parts: list[LinearParts]) -> LinearParts | None:
@@ -147,9 +167,8 @@ def packed_inputs(g: GraphBuilder, name: str, qw: quant.QuantizedWeight) -> tupl
     )
 
 
-def emit_linear(g: GraphBuilder, x: str, parts: LinearParts, accuracy_level: int, exact_sums: bool) -> str:
-    """``y = x @ W^T + b (+ outliers)`` for ``x [..., K]``; returns the name of ``y [..., N]``.
-    ``exact_sums``: outlier sums in float64 (see :func:`_add_outliers`)."""
+def emit_linear(g: GraphBuilder, x: str, parts: LinearParts, accuracy_level: int) -> str:
+    """``y = x @ W^T + b (+ outliers)`` for ``x [..., K]``; returns the name of ``y [..., N]``."""
     with g.scope(parts.name):
         bias = None if parts.bias is None else g.float_weight(f"{parts.name}.bias", parts.bias)
         if parts.packed is not None:
@@ -168,46 +187,25 @@ def emit_linear(g: GraphBuilder, x: str, parts: LinearParts, accuracy_level: int
             if bias is not None:
                 y = g.op("Add", [y, bias])
         if parts.outliers is not None:
-            y = _add_outliers(g, x, y, parts.name, parts.outliers, parts.out_features, exact_sums)
+            y = _add_outliers(g, x, y, parts.name, parts.outliers)
     return y
 
 
-def _add_outliers(
-    g: GraphBuilder, x: str, y: str, name: str, outliers: Outliers, out_features: int, exact: bool
-) -> str:
-    """``y[b, s, r] += sum over row r's outliers j of x[b, s, col_j] * value_j``, as a segment
-    sum: the products in row order ``[nnz, B, S]``, their running sum, and per row the running
-    sum at the row's end minus at its start. Tokens go last so that every gather moves whole
-    rows of tokens.
-
-    Not a scatter-add: rows hold several outliers, and ``ScatterND`` with repeated indices
-    races under onnxruntime's threads (measured on the default model at mq 4.2 bits: logits
-    off by up to 0.5 on a 512-token window with 2 threads, a different amount each run).
-    The running sum rounds relative to its size: in float32 the same window's logits moved by
-    up to 0.044 (far below the int8 activation rounding of ``accuracy_level=4``), in float64
-    (``exact``, used for ``accuracy_level=0``) by 2e-4 like the rest of the graph, at a cost:
-    prefill 2.4 instead of 1.5 s, decode 62 instead of 69 tokens/s on that model.
-    """
-    order = torch.argsort(outliers.rows, stable=True)
-    rows, cols, values = outliers.rows[order], outliers.cols[order], outliers.values[order]
-    counts = torch.bincount(rows, minlength=out_features)
-    ends = torch.cumsum(counts, 0)  # row r's outliers are products [ends[r] - counts[r], ends[r])
-    cols = _index(g, f"{name}.outlier_cols", cols)
-    values = g.float_weight(f"{name}.outlier_values", values[:, None, None])
-    products = g.op("Mul", [g.op("Gather", [g.op("Transpose", [x], perm=[2, 0, 1]), cols], axis=0), values])
-    running = g.op("CumSum", [g.op("Cast", [products], to=DOUBLE) if exact else products, g.const(0)])
-    running = g.op("Pad", [running, g.const([1, 0, 0, 0, 0, 0])])  # a zero row first: index i = sum of the first i
-    hi = g.op("Gather", [running, _index(g, f"{name}.outlier_row_ends", ends)], axis=0)
-    lo = g.op("Gather", [running, _index(g, f"{name}.outlier_row_starts", ends - counts)], axis=0)
-    sums = g.op("Sub", [hi, lo])  # [N, B, S]
-    sums = g.op("Cast", [sums], to=FLOAT) if exact else sums
-    return g.op("Add", [y, g.op("Transpose", [sums], perm=[1, 2, 0])])
+def _add_outliers(g: GraphBuilder, x: str, y: str, name: str, ell: Ell) -> str:
+    """``y[..., r] += sum_p x[..., cols[r, p]] * values[r, p]``: one ``Gather`` of the activations
+    ``[..., N, P]``, a ``Mul`` and a ``ReduceSum`` over ``P``. Each output adds only its own row's
+    products, so the rounding is that of a ``P``-term float32 sum. (The earlier form, a running
+    sum over all outliers of the layer differenced at row bounds, rounded relative to the running
+    total: logits moved by up to 0.044 on the default model. A scatter-add races under
+    onnxruntime's threads when rows repeat.)"""
+    cols, values = ell_inputs(g, name, ell)
+    products = g.op("Mul", [g.op("Gather", [x, cols], axis=-1), values])
+    return g.op("Add", [y, g.op("ReduceSum", [products, g.const([-1])], keepdims=0)])
 
 
 def _index(g: GraphBuilder, name: str, index: torch.Tensor) -> str:
     """int64 indices stored in the narrowest unsigned type that holds them, widened by a Cast
-    that onnxruntime folds at load: the file keeps about the artifact's bytes per outlier (an
-    fp16 value and a 16-bit column, plus 16/32-bit row bounds) instead of int64s."""
+    that onnxruntime folds at load."""
     largest = int(index.max()) if index.numel() else 0
     narrow = next(t for t in (np.uint16, np.uint32) if largest <= np.iinfo(t).max)
     return g.op("Cast", [g.weight(name, index.numpy().astype(narrow))], to=INT64)

@@ -31,7 +31,8 @@ from mqc import quant, quant_ggml
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.quantize import QuantizeModules
-from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans
+from mqc.passes.outliers import top_mask
+from mqc.passes.units import Choice, LayerPlan, WeightUnit, choice_of, choice_plans, outliers_per_row
 
 # Bound on rows (over all grids) per GPTQ call: the lm_head of a 49k vocabulary at 12 grids
 # would otherwise hold several GB of temporaries.
@@ -75,15 +76,13 @@ def row_error(delta: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor
     return ((delta @ hessian) * delta).sum(1)
 
 
-def _outlier_masks(weight, hessian, grids, n_outliers, energy):
+def _outlier_masks(weight, hessian, grids, plans: list[LayerPlan], energy):
     first = quant.gptq_batch(weight, hessian, grids) if hessian is not None else None
     masks = []
     for i, grid in enumerate(grids):
         approx = first[i][3] if first else quant.fake_quantize(weight, grid.bits, grid.group_size)
         score = (weight - approx).pow(2) * (energy if energy is not None else 1.0)
-        mask = torch.zeros(weight.numel(), dtype=torch.bool)
-        mask[torch.topk(score.flatten(), n_outliers[i], sorted=False).indices] = True
-        masks.append(mask.view_as(weight))
+        masks.append(top_mask(score, plans[i].n_outliers, outliers_per_row(plans[i])))
     return masks
 
 
@@ -109,7 +108,7 @@ def unit_candidates(
             continue
         grids = [quant.Grid(b, g) for b, g in batch]
         if any(plans[c].n_outliers for c in batch):
-            masks = _outlier_masks(weight, hessian, grids, [plans[c].n_outliers for c in batch], energy)
+            masks = _outlier_masks(weight, hessian, grids, [plans[c] for c in batch], energy)
             grids = [quant.Grid(g.bits, g.group_size, m) for g, m in zip(grids, masks)]
         if hessian is not None:
             results = quant.gptq_batch(weight, hessian, grids)

@@ -14,20 +14,30 @@ import torch
 from mqc import quant
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
+from mqc.passes.units import outliers_per_row
+
+
+def top_mask(score: torch.Tensor, n_outliers: int, per_row: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``n_outliers`` highest scores of ``score [out, in]``; ``per_row``: the
+    same number in every row (the ELL layout of the onnx target, see :mod:`mqc.targets`)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if per_row:
+        mask.scatter_(1, torch.topk(score, n_outliers // score.shape[0], dim=1, sorted=False).indices, True)
+    else:
+        mask.view(-1)[torch.topk(score.flatten(), n_outliers, sorted=False).indices] = True
+    return mask
 
 
 def outlier_mask(
-    weight: torch.Tensor, bits: int, group_size: int, n_outliers: int, energy: torch.Tensor | None
+    weight: torch.Tensor, bits: int, group_size: int, n_outliers: int, energy: torch.Tensor | None,
+    per_row: bool = False,
 ) -> torch.Tensor | None:
     """Boolean ``[out, in]`` mask of the ``n_outliers`` highest-scoring weights (None if 0)."""
     if n_outliers == 0 or bits == quant.FP16_BITS:
         return None
     error = (weight - quant.fake_quantize(weight, bits, group_size)).pow(2)
     score = error if energy is None else error * energy.to(error.device)
-    top = torch.topk(score.flatten(), n_outliers, sorted=False).indices
-    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    mask[top] = True
-    return mask.view_as(weight)
+    return top_mask(score, n_outliers, per_row)
 
 
 class SelectOutliers(Pass):
@@ -46,8 +56,9 @@ class SelectOutliers(Pass):
         masks = {}
         for name, entry in plan.items():
             mask = outlier_mask(
-                units[name].weight(ctx.model), entry.bits, entry.group_size, entry.n_outliers, energy.get(name)
-            )
+                units[name].weight(ctx.model), entry.bits, entry.group_size, entry.n_outliers, energy.get(name),
+                outliers_per_row(entry),
+            )  # fmt: skip
             if mask is not None:
                 masks[name] = mask
         ctx.results[keys.OUTLIER_MASKS] = masks

@@ -27,7 +27,7 @@ from mqc.passes.act_stats import CALIB_BATCH
 from mqc.passes.bit_alloc import CostTable
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.outliers import outlier_mask
-from mqc.passes.units import Choice, choice_label, choices, plan_entry
+from mqc.passes.units import Choice, choice_label, choices, outliers_per_row, plan_entry
 
 VARIANTS = ("first_order", "fisher")
 
@@ -85,8 +85,8 @@ class Sensitivity(Pass):
             for bits, group in options:
                 deltas[name][((bits, group), False)] = (quant.fake_quantize(weight, bits, group or recipe.group_size) - weight).half()
                 if variants_out and bits != quant.FP16_BITS:
-                    n_out = plan_entry(unit, bits, group, recipe.outlier_frac).n_outliers
-                    mask = outlier_mask(weight, bits, group, n_out, energy.get(name))
+                    entry = plan_entry(unit, bits, group, recipe.outlier_frac, recipe.target)
+                    mask = outlier_mask(weight, bits, group, entry.n_outliers, energy.get(name), outliers_per_row(entry))
                     deltas[name][((bits, group), True)] = (quant.fake_quantize(weight, bits, group, mask) - weight).half()
         sums = {name: {(v, k): 0.0 for v in VARIANTS for k in d} for name, d in deltas.items()}
 

@@ -45,9 +45,8 @@ class LayerPlan:
 
     ``fmt`` names a llama.cpp type (:mod:`mqc.quant_ggml`) when the plan targets GGUF; ``bits``
     and ``group_size`` are then its code width and block (16 and 0 for F16), and the bias is
-    priced as GGUF stores it, in F32. ``stored_bits`` is the width the plan's target stores a
-    ``bits``-wide layer in, when that differs (:mod:`mqc.targets`: 3-bit codes are 4-bit codes
-    in ONNX); the layer is priced at it.
+    priced as GGUF stores it, in F32. Otherwise the layer is priced as its ``target`` stores it
+    (:mod:`mqc.targets`: 3-bit codes are 4-bit codes in ONNX, outliers ELL there).
     """
 
     qualname: str
@@ -58,15 +57,16 @@ class LayerPlan:
     in_features: int
     has_bias: bool
     fmt: str | None = None
-    stored_bits: int | None = None
+    target: str = "torch"
 
     @property
     def nbytes(self) -> int:
         if self.fmt is not None:
             bias = 4 * self.out_features if self.has_bias else 0
             return quant_ggml.tensor_bytes(self.fmt, self.out_features, self.in_features) + bias
-        bits = self.stored_bits or self.bits
-        return quant.layer_bytes(self.out_features, self.in_features, bits, self.group_size, self.n_outliers, self.has_bias)
+        return TARGETS[self.target].layer_bytes(
+            self.out_features, self.in_features, self.bits, self.group_size, self.n_outliers, self.has_bias
+        )
 
     @property
     def n_weights(self) -> int:
@@ -102,12 +102,15 @@ def choice_label(choice: Choice) -> str:
 
 def plan_entry(unit: WeightUnit, bits: int, group_size: int, outlier_frac: float, target: str = "torch") -> LayerPlan:
     """``unit`` at ``bits`` / ``group_size``, priced as ``target`` stores it."""
-    n_out = 0 if bits == quant.FP16_BITS else quant.n_outliers_for(unit.out_features, unit.in_features, outlier_frac)
-    stored = TARGETS[target].stored_bits(bits)
+    n_out = 0 if bits == quant.FP16_BITS else TARGETS[target].n_outliers(unit.out_features, unit.in_features, outlier_frac)
     return LayerPlan(
-        unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias,
-        stored_bits=None if stored == bits else stored,
-    )  # fmt: skip
+        unit.qualname, bits, group_size, n_out, unit.out_features, unit.in_features, unit.has_bias, target=target
+    )
+
+
+def outliers_per_row(entry: LayerPlan) -> bool:
+    """Whether ``entry``'s outliers are chosen per output row (an equal count in each: ELL)."""
+    return entry.fmt is None and TARGETS[entry.target].outliers_per_row
 
 
 def plan_for(unit: WeightUnit, choice: Choice, recipe) -> LayerPlan:
@@ -115,7 +118,8 @@ def plan_for(unit: WeightUnit, choice: Choice, recipe) -> LayerPlan:
     if isinstance(choice, str):
         block = 0 if choice == quant_ggml.F16 else quant_ggml.TYPES[choice].block
         u = unit
-        return LayerPlan(u.qualname, choice_bits(choice), block, 0, u.out_features, u.in_features, u.has_bias, choice)
+        bits = choice_bits(choice)
+        return LayerPlan(u.qualname, bits, block, 0, u.out_features, u.in_features, u.has_bias, choice, GGUF)
     bits, group = choice
     return plan_entry(unit, bits, group or recipe.group_size, recipe.outlier_frac, recipe.target)
 
