@@ -14,7 +14,13 @@ stores them as ELL (per output row, the same number of column indices and fp16 v
 ``Gather`` of the activations, a ``Mul`` and a ``ReduceSum`` over each row's few products, see
 :mod:`mqc.export.linear`). On the ``onnx`` target every row keeps the same count of outliers
 (its highest-scoring weights), so the ELL arrays have no padding and no row pointers: priced
-exactly. llama.cpp (``gguf``) has its own types and is planned over them (:mod:`mqc.quant_ggml`).
+exactly.
+
+Siblings that read one input (q/k/v, gate/up) run as one fused matmul on onnxruntime and on the
+CUDA kernels, but only when their formats agree; otherwise each is its own launch, and a mixed
+plan decodes slower than a uniform one of the same size. On those targets the allocator gives
+siblings one choice (:func:`mqc.passes.units.allocation_groups`). llama.cpp (``gguf``) has its
+own types and is planned over them (:mod:`mqc.quant_ggml`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Target:
     name: str
     code_bits: tuple[int, ...]  # code widths stored as they are
     outliers_per_row: bool = False  # ELL: the same outlier count in every output row, no row pointers
+    fuses_siblings: bool = False  # q/k/v, gate/up run as one matmul when their formats agree
 
     def stored_bits(self, bits: int) -> int:
         """The width a ``bits``-wide layer occupies on this target (the narrowest native one)."""
@@ -58,8 +65,8 @@ class Target:
 
 TARGETS = {
     "torch": Target("torch", QUANT_BITS),
-    "cuda": Target("cuda", QUANT_BITS),
-    "onnx": Target("onnx", (2, 4, 8), outliers_per_row=True),
+    "cuda": Target("cuda", QUANT_BITS, fuses_siblings=True),
+    "onnx": Target("onnx", (2, 4, 8), outliers_per_row=True, fuses_siblings=True),
 }
 GGUF = "gguf"
 NAMES = (*TARGETS, GGUF)

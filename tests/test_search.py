@@ -19,17 +19,24 @@ def calib():
 
 
 def test_mutations_keep_the_budget():
+    """Groups of one unit and of three tied siblings move one level at a time, never over budget."""
     import numpy as np
 
+    from mqc.passes.search import level_bytes
     from mqc.passes.units import LayerPlan
 
-    levels = {f"u{i}": [LayerPlan(f"u{i}", b, 32, 0, 8, 64, False) for b in (2, 3, 4, 8)] for i in range(6)}
-    budget = sum(levels[n][1].nbytes for n in levels)
+    groups = [(f"u{i}",) for i in range(6)] + [("q", "k", "v")]
+    levels = {g: [tuple(LayerPlan(n, b, 32, 0, 8, 64, False) for n in g) for b in (2, 3, 4, 8)] for g in groups}
+    budget = sum(level_bytes(levels[g][1]) for g in levels)
     rng = np.random.default_rng(0)
-    state = {n: 1 for n in levels}
+    state = {g: 1 for g in levels}
+    moved = set()
     for _ in range(300):
-        state = mutate(state, levels, budget, rng) or state
-        assert sum(levels[n][i].nbytes for n, i in state.items()) <= budget
+        child = mutate(state, levels, budget, rng)
+        moved |= {g for g in levels if child and child[g] != state[g]}
+        state = child or state
+        assert sum(level_bytes(levels[g][i]) for g, i in state.items()) <= budget
+    assert ("q", "k", "v") in moved
 
 
 def test_search_repairs_misleading_costs(calib, tmp_path, sharp_model):

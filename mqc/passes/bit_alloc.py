@@ -21,7 +21,9 @@ from mqc import quant
 from mqc.errors import InfeasibleBudgetError
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.passes.units import Choice, LayerPlan, WeightUnit, allowed_choices, choice_of, plan_for
+from mqc.passes.units import (
+    Choice, LayerPlan, WeightUnit, allocation_groups, allowed_choices, choice_of, common_choices, plan_for,
+)
 from mqc.recipe import Recipe
 from mqc.size import ModelSize, parse_size
 
@@ -138,16 +140,15 @@ class AllocateBits(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.COSTS]
-        names = list(units)
-        options: list[list[LayerPlan]] = [
-            [plan_for(units[n], c, recipe) for c in allowed_choices(units[n], recipe)] for n in names
-        ]
-        costs = [[table.costs[n][choice_of(e)] for e in opts] for n, opts in zip(names, options)]
-        sizes = [[e.nbytes for e in opts] for opts in options]
+        groups = allocation_groups(units)  # one choice per group (siblings the target fuses)
+        options = [common_choices(g, units, recipe) for g in groups]
+        costs = [[sum(table.costs[n][c] for n in g) for c in opts] for g, opts in zip(groups, options)]
+        sizes = [[sum(plan_for(units[n], c, recipe).nbytes for n in g) for c in opts] for g, opts in zip(groups, options)]
         budget = check_budget(recipe, units, ctx[keys.MODEL_SIZE])
         n_weights = sum(u.n_weights for u in units.values())
-        choices, objective = solve_mckp(costs, sizes, budget)
-        plan = {n: opts[c] for n, opts, c in zip(names, options, choices)}
+        chosen, objective = solve_mckp(costs, sizes, budget)
+        plan = {n: plan_for(units[n], opts[c], recipe) for g, opts, c in zip(groups, options, chosen) for n in g}
+        plan = {n: plan[n] for n in units}
         used = sum(e.nbytes for e in plan.values())
         report = AllocationReport(budget, used, n_weights, objective, sum(min(s) for s in sizes), "optimal")
         ctx.results[self.produces[0]] = plan

@@ -30,7 +30,7 @@ from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
 from mqc.passes.candidates import CandidateTable
 from mqc.passes.quantize import round_to_fp16
-from mqc.passes.units import LayerPlan, WeightUnit, allowed_choices, choice_of, plan_for
+from mqc.passes.units import LayerPlan, WeightUnit, allocation_groups, choice_of, common_choices, plan_for
 
 OFFSPRING = 6  # lambda
 STAGE_SEQUENCES = (1, 4)  # calibration sequences measured per stage (all offspring, then the best)
@@ -72,26 +72,34 @@ class PlanModel:
         return self.model
 
 
-def unit_levels(ctx: CompileContext) -> dict[str, list[LayerPlan]]:
-    """Each unit's non-dominated choices, smallest first (see module docstring)."""
+Level = tuple[LayerPlan, ...]  # one choice for every unit of an allocation group
+
+
+def level_bytes(level: Level) -> int:
+    return sum(e.nbytes for e in level)
+
+
+def unit_levels(ctx: CompileContext) -> dict[tuple[str, ...], list[Level]]:
+    """Each allocation group's non-dominated choices, smallest first (see module docstring); a
+    group is one unit, or siblings the target fuses (:func:`mqc.passes.units.allocation_groups`)."""
     recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.CANDIDATES]
     levels = {}
-    for name, unit in units.items():
-        error = {c: float(cand.row_error.sum()) for c, cand in table.units[name].items()}
+    for group in allocation_groups(units):
+        error = {c: sum(float(table.units[n][c].row_error.sum()) for n in group) for c in common_choices(group, units, recipe)}
         options = sorted(
-            (plan_for(unit, c, recipe) for c in allowed_choices(unit, recipe)),
-            key=lambda e: (e.nbytes, error[choice_of(e)]),
+            (tuple(plan_for(units[n], c, recipe) for n in group) for c in error),
+            key=lambda level: (level_bytes(level), error[choice_of(level[0])]),
         )
-        kept: list[LayerPlan] = []
-        for entry in options:
-            if not kept or error[choice_of(entry)] < error[choice_of(kept[-1])]:
-                kept.append(entry)
-        levels[name] = kept
+        kept: list[Level] = []
+        for level in options:
+            if not kept or error[choice_of(level[0])] < error[choice_of(kept[-1][0])]:
+                kept.append(level)
+        levels[group] = kept
     return levels
 
 
-def mutate(state: dict[str, int], levels, budget: int, rng: np.random.Generator) -> dict[str, int] | None:
-    """Raise 1..MAX_RAISES random units one level, then lower random others until it fits."""
+def mutate(state: dict, levels: dict, budget: int, rng: np.random.Generator) -> dict | None:
+    """Raise 1..MAX_RAISES random groups one level, then lower random others until it fits."""
     child = dict(state)
     names = list(levels)
     raised = set()
@@ -102,13 +110,13 @@ def mutate(state: dict[str, int], levels, budget: int, rng: np.random.Generator)
         name = up[int(rng.integers(len(up)))]
         child[name] += 1
         raised.add(name)
-    size = sum(levels[n][i].nbytes for n, i in child.items())
+    size = sum(level_bytes(levels[n][i]) for n, i in child.items())
     while size > budget:
         down = [n for n in names if n not in raised and child[n] > 0]
         if not down:
             return None
         name = down[int(rng.integers(len(down)))]
-        size -= levels[name][child[name]].nbytes - levels[name][child[name] - 1].nbytes
+        size -= level_bytes(levels[name][child[name]]) - level_bytes(levels[name][child[name] - 1])
         child[name] -= 1
     return child if child != state else None
 
@@ -124,14 +132,19 @@ class EvoSearch(Pass):
         levels = unit_levels(ctx)
         start_plan = ctx[keys.START_PLAN]
         state = {}
-        for name, entry in start_plan.items():  # the knapsack never picks a dominated choice, but ties may
-            sizes = [e.nbytes for e in levels[name]]
-            state[name] = max(i for i, s in enumerate(sizes) if s <= entry.nbytes)
+        for group, options in levels.items():  # the knapsack never picks a dominated choice, but ties may
+            planned = sum(start_plan[n].nbytes for n in group)
+            state[group] = max(i for i, level in enumerate(options) if level_bytes(level) <= planned)
         calib = ctx[keys.CALIB]
         stages = [calib[: min(n, calib.shape[0])] for n in STAGE_SEQUENCES]
         references = [reference_logprobs(ctx.model, ids) for ids in stages]
         work = PlanModel(ctx.model, ctx[keys.UNITS], ctx[keys.CANDIDATES])
-        to_plan = lambda s: {n: levels[n][i] for n, i in s.items()}  # noqa: E731
+        units = ctx[keys.UNITS]
+
+        def to_plan(s) -> dict[str, LayerPlan]:
+            entries = {n: e for g, i in s.items() for n, e in zip(g, levels[g][i])}
+            return {n: entries[n] for n in units}
+
 
         def fitness(s, stage):
             return mean_kl(work.apply(to_plan(s)), stages[stage], references[stage])

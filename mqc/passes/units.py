@@ -7,6 +7,7 @@ embeddings, filtered by the recipe (``skip`` patterns, ``quantize_embeddings``).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class WeightUnit:
     has_bias: bool
     transposed: bool = False  # GPT-2 Conv1D
     embedding: str | None = None  # embedding module reading this tensor (tied) or being it
+    tied_choice: tuple[str, ...] = ()  # siblings that must share its format (see allocation_groups)
 
     @property
     def n_weights(self) -> int:
@@ -146,6 +148,21 @@ def choice_of(entry: LayerPlan) -> Choice:
     return (entry.bits, None) if entry.bits == quant.FP16_BITS else (entry.bits, entry.group_size)
 
 
+def allocation_groups(units: dict[str, WeightUnit]) -> list[tuple[str, ...]]:
+    """Units allocated together, one choice for all: siblings that read the same input where the
+    target runs them as one fused matmul only when their formats agree (onnxruntime's
+    ``MatMulNBits``, the CUDA GEMV; :mod:`mqc.targets`), so that a plan never pays three launches
+    for q/k/v; every other unit alone."""
+    groups = dict.fromkeys(u.tied_choice or (name,) for name, u in units.items())
+    return list(groups)
+
+
+def common_choices(group: tuple[str, ...], units: dict[str, WeightUnit], recipe) -> list[Choice]:
+    """The choices every unit of ``group`` may take (pins applied)."""
+    allowed = [allowed_choices(units[name], recipe) for name in group]
+    return [c for c in allowed[0] if all(c in other for other in allowed[1:])]
+
+
 def plan_bytes(plan: dict[str, LayerPlan]) -> int:
     return sum(p.nbytes for p in plan.values())
 
@@ -188,6 +205,11 @@ class SelectUnits(Pass):
         if recipe.embeddings_included and not tied and emb_name and not skipped(emb_name):
             vocab, hidden = input_embedding.weight.shape
             units[emb_name] = WeightUnit(emb_name, vocab, hidden, False, embedding=emb_name)
+        if recipe.method == "mq" and recipe.target in TARGETS and TARGETS[recipe.target].fuses_siblings:
+            for group in graph.shared_input_groups:
+                if all(n in units for n in group) and len({units[n].in_features for n in group}) == 1:
+                    for n in group:
+                        units[n] = dataclasses.replace(units[n], tied_choice=tuple(group))
         ctx.results[keys.UNITS] = units
         ctx.results[keys.MODEL_SIZE] = model_size(model, set(units), gguf=recipe.target == GGUF)
         return PassResult(False, f"{len(units)} weight tensors selected")
