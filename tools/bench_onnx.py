@@ -59,11 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqc
+from mqc.atomic import write_bytes
 from mqc.data import perplexity, token_stream
 from mqc.export import OnnxLM, export_onnx
 from mqc.models import default_model_dir
 from mqc.passes.units import plan_average_bits
-from mqc.report import machine
+from mqc.report import machine, save_figure
 from mqc.runtime.modules import QLinear
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -389,12 +390,13 @@ def plot(rows: list[dict], path: Path) -> None:
     left.barh(names, [r["decode_tok_s"] for r in rows], color="tab:blue")
     left.set_xlabel(f"decode tokens/s ({THREADS} threads, onnxruntime CPU)")
     for r in rows:
-        right.scatter(r["decode_model_bytes"] / 1e6, r["ppl_onnx"])
-        right.annotate(r["variant"], (r["decode_model_bytes"] / 1e6, r["ppl_onnx"]), fontsize=8)
-    right.set_xlabel("model.onnx + weights (MB)")
+        if r["kind"] == "fp32":
+            continue
+        right.scatter(r["bpw"], r["ppl_onnx"], color="tab:red" if r["kind"] == "mq" else "tab:gray")
+        right.annotate(r["variant"], (r["bpw"], r["ppl_onnx"]), fontsize=8)
+    right.set_xlabel("whole-model bits per weight (model tensors in the ONNX files)")
     right.set_ylabel("perplexity (Brown eval, ONNX)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_bytes(out, json.dumps(result, indent=2, default=str).encode())
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -20,11 +20,9 @@ each block of activations to int8 on the fly and uses integer dot products (VNNI
 dotprod/i8mm on Arm), as onnxruntime-genai's int4 CPU builds do. The prompt graph uses it only
 for layers with groups of 128 or more, where it is also the faster choice on many rows (see
 :data:`mqc.export.decoder.PREFILL_INT8_MIN_GROUP`); its other layers keep float32 activations.
-Measured on the default model (``benchmarks/results/onnx_cpu.json``: 2 threads, 2-core AVX-512
-Xeon): 4-bit RTN g128 decodes at 176 tokens/s with level 4 and 92 with level 0, GPTQ g32 at
-151 and 99. The int8 rounding moves logits (by up to 2.6 of ~30 in the g128 prompt graph) and greedy
-output can leave the torch runtime's: after 5 to 12 tokens at g128 RTN; the GPTQ g64 model
-kept 32, 32 and 4 tokens of three prompts. ``accuracy_level=0`` keeps float32 activations
+The int8 rounding moves logits and greedy output can leave the torch runtime's after a few
+tokens (measured per prompt by ``tools/bench_onnx.py``, see ``benchmarks/README.md``).
+``accuracy_level=0`` keeps float32 activations
 everywhere: logits within 2e-4 of the torch runtime and the same greedy tokens. Use it where
 output must match the runtime.
 """
