@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, kind, path in variants:
         runs = samples[name]
-        dense = samples.get(f"{path.name}:dense")
+        dense = samples.get(f"{path.name}:dense") if kind != "onnx" else None
         row = {
             "variant": name,
             "kernels": kind,
