@@ -353,15 +353,17 @@ CPU_KERNELS_HELP = (
 )
 
 
-def _on_device(model, device: str, cpu_kernels: str = "packed"):
-    """The model on ``device``: on CUDA, fp16 with sibling projections fused (one launch each); on
-    the CPU an artifact's layers on compressed kernels unless ``cpu_kernels`` is "dense"."""
-    if device == "cpu":
-        from mqc.runtime.cpu import deploy_on_cpu
-        from mqc.runtime.modules import QLinear
+def _load(args):
+    """(model, tokenizer) of MODEL; an artifact on the CPU comes on compressed kernels unless
+    ``--cpu-kernels dense``."""
+    from mqc.models import load_any
 
-        if cpu_kernels == "packed" and any(isinstance(m, QLinear) for m in model.modules()):
-            deploy_on_cpu(model)
+    return load_any(args.model, deploy_cpu=args.device == "cpu" and args.cpu_kernels == "packed")
+
+
+def _on_device(model, device: str):
+    """The model on ``device``: on CUDA, fp16 with sibling projections fused (one launch each)."""
+    if device == "cpu":
         return model
     import torch
 
@@ -382,12 +384,11 @@ def _on_device(model, device: str, cpu_kernels: str = "packed"):
 def cmd_bench(args) -> int:
     from mqc.bench import decode_benchmark
     from mqc.report import peak_rss_bytes
-    from mqc.models import load_any
 
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = _load(args)
     if tokenizer is None:
         raise MqcError(f"{args.model} has no tokenizer; a text prompt needs one")
-    model = _on_device(model, args.device, args.cpu_kernels)
+    model = _on_device(model, args.device)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     r = decode_benchmark(model, ids, args.new_tokens, args.device, cuda_graph=args.cuda_graph)
     r["peak_rss_bytes"] = peak_rss_bytes()
@@ -463,13 +464,12 @@ def cmd_generate(args) -> int:
         return _generate_onnx(args)
     if args.model is None:
         raise MqcError("generate needs MODEL (an artifact, a local HF model dir or 'default') or --onnx DIR")
-    from mqc.models import load_any
     from mqc.report import peak_rss_bytes
 
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = _load(args)
     if tokenizer is None:
         raise MqcError(f"{args.model} has no tokenizer; generation from a text prompt needs one")
-    model = _on_device(model, args.device, args.cpu_kernels)
+    model = _on_device(model, args.device)
     ids = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     sampling = dict(do_sample=True, temperature=0.7, top_p=0.95) if args.sample else dict(do_sample=False)
     start = time.perf_counter()

@@ -86,6 +86,10 @@ def test_deployed_model_matches_the_reference(zoo, token_ids, tmp_path, family, 
     for m in qlinears:  # one compressed copy: the packed buffers are gone except an embedding table's
         assert m.cpu_kernel is not None and (m.qweight.numel() > 0) == (id(m) in tables)
     assert not any(type(m) in (torch.nn.Linear, torch.nn.Embedding) for m in model.modules())
+    on_load, _ = mqc.load(out, deploy_cpu=True)  # deployed while loading: float16 never widened
+    with torch.no_grad():
+        assert torch.equal(on_load(ids).logits, logits)
+    assert all(p.dtype != torch.float32 or p.dim() == 1 for p in on_load.parameters())  # only norms in float32
     artifact_bytes = mqc.runtime.artifact.read_manifest(out)["accounting"]["tensor_bytes"]
     assert deployment.weight_bytes <= 2.5 * artifact_bytes  # 3-bit codes take 4 bits; float16 copies of floats
 

@@ -169,10 +169,21 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | os.PathLike):
-    """(model, tokenizer or None) of an artifact; the model generates as the compiled one did."""
+def load(path: str | os.PathLike, deploy_cpu: bool = False):
+    """(model, tokenizer or None) of an artifact; the model generates as the compiled one did.
+    ``deploy_cpu``: switched to the compressed CPU kernels (:mod:`mqc.runtime.cpu`) as it loads,
+    its float16 embedding/linear tensors never widened to float32 on the way."""
     root = Path(path)
-    manifest = read_manifest(root)
+    model, tokenizer = _build(root, read_manifest(root), deploy_cpu)
+    if deploy_cpu:  # here, where no reference to the loaded tensors is left but the model's
+        from mqc.runtime.cpu import deploy_on_cpu
+
+        deploy_on_cpu(model)
+    return model, tokenizer
+
+
+def _build(root: Path, manifest: dict[str, Any], keep_half: bool):
+    """(model, tokenizer) of the artifact at ``root``; ``keep_half``: see :func:`load`."""
     config = _read_part(root, "config.json", lambda: AutoConfig.from_pretrained(root, local_files_only=True))
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
@@ -198,12 +209,20 @@ def load(path: str | os.PathLike):
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise ArtifactError(f"{root}: tensors do not match the model ({what}); recompile the artifact")
+    # float16 on purpose: what deploy_on_cpu holds in float16 anyway (plain embeddings and linears)
+    kept_half = {
+        f"{owner}.{key}"
+        for owner, module in model.named_modules()
+        if keep_half and type(module) in (torch.nn.Linear, torch.nn.Embedding)
+        for key in ("weight",)
+    }
     converted: dict[int, torch.Tensor] = {}  # one converted tensor per stored one (tied names share it)
     for name, tensor in tensors.items():
         target = expected[name]
         if target.shape != tensor.shape:
             raise ArtifactError(f"{root}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-        tensors[name] = converted.setdefault(id(tensor), tensor.to(target.dtype))
+        dtype = tensor.dtype if name in kept_half and tensor.dtype == torch.float16 else target.dtype
+        tensors[name] = converted.setdefault(id(tensor), tensor.to(dtype))
     model.load_state_dict(tensors, assign=True)
     for alias, source in manifest["aliases"].items():  # tied parameters: one object again, not two views
         owner, _, attr = alias.rpartition(".")

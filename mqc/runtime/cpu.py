@@ -192,7 +192,9 @@ def deploy_on_cpu(model: torch.nn.Module) -> Deployment:
             halves[weight.data_ptr()] = weight.detach().to(torch.float16)
         return halves[weight.data_ptr()]
 
-    for name, module in list(model.named_modules()):
+    # largest first: its conversion temporaries are then allocated before anything else is held
+    modules = sorted(model.named_modules(), key=lambda item: -_packed_bytes(item[1]))
+    for name, module in modules:
         if isinstance(module, QLinear):
             module.cpu_kernel = cpu_linear(module)
             int4 += isinstance(module.cpu_kernel.kernel, Int4Kernel)
@@ -211,6 +213,10 @@ def deploy_on_cpu(model: torch.nn.Module) -> Deployment:
     held += sum(w.numel() * 2 for w in halves.values())
     _return_freed_memory()
     return Deployment(int4, half, held)
+
+
+def _packed_bytes(module: torch.nn.Module) -> int:
+    return module.nbytes() if isinstance(module, QLinear) else 0
 
 
 def _return_freed_memory() -> None:
