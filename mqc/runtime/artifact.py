@@ -211,10 +211,9 @@ def _build(root: Path, manifest: dict[str, Any], keep_half: bool):
         raise ArtifactError(f"{root}: tensors do not match the model ({what}); recompile the artifact")
     # float16 on purpose: what deploy_on_cpu holds in float16 anyway (plain embeddings and linears)
     kept_half = {
-        f"{owner}.{key}"
+        f"{owner}.weight"
         for owner, module in model.named_modules()
         if keep_half and type(module) in (torch.nn.Linear, torch.nn.Embedding)
-        for key in ("weight",)
     }
     converted: dict[int, torch.Tensor] = {}  # one converted tensor per stored one (tied names share it)
     for name, tensor in tensors.items():
