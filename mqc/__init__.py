@@ -18,13 +18,14 @@ from mqc.errors import MqcError  # noqa: E402
 from mqc.evaluation import evaluate  # noqa: E402
 from mqc.models import load_any, load_hf_model, tiny_model  # noqa: E402
 from mqc.passes.base import CompileContext, Pass, PassManager, PassResult  # noqa: E402
-from mqc.recipe import CalibRecipe, KVRecipe, Pin, Recipe  # noqa: E402
+from mqc.recipe import CalibRecipe, KVQuantRecipe, KVRecipe, Pin, Recipe  # noqa: E402
 from mqc.runtime.artifact import load, save  # noqa: E402
 
 __all__ = [
     "CalibRecipe",
     "CompileContext",
     "CompiledModel",
+    "KVQuantRecipe",
     "KVRecipe",
     "MqcError",
     "Pass",

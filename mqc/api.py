@@ -69,6 +69,7 @@ def needs_calibration(recipe: Recipe) -> bool:
     from mqc.passes.kv_lowrank import required_results
 
     kv_reads = recipe.kv is not None and bool(required_results(recipe.kv))  # activation stats need calibration too
+    kv_reads |= recipe.kv_quant is not None and recipe.kv_quant.budget_frac is not None  # PM-KVQ measures costs
     return recipe.method == "mq" or recipe.outlier_frac > 0 or recipe.uses_gptq or kv_reads
 
 
@@ -114,11 +115,16 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
         from mqc.passes.kv_lowrank import KVLowRank
 
         passes.append(KVLowRank())
+    if recipe.kv_quant is not None:
+        from mqc.passes.kv_quant import KVQuant
+
+        passes.append(KVQuant())
     # Sibling groups are recorded here and fused when the model moves to CUDA (fuse_model): the
     # artifact keeps one module per layer, which per-layer accounting and the ONNX export read.
     from mqc.passes.fuse import FuseSiblings
 
-    passes.append(FuseSiblings(rewrite=False, after=(keys.KV_REWRITTEN,) if recipe.kv is not None else ()))
+    kv_cache = recipe.kv is not None or recipe.kv_quant is not None
+    passes.append(FuseSiblings(rewrite=False, after=(keys.KV_REWRITTEN,) if kv_cache else ()))
     return passes
 
 
@@ -185,8 +191,9 @@ def compile(
         check_budget(recipe, ctx[keys.UNITS], ctx[keys.MODEL_SIZE])
     _run_missing(pipeline, ctx)
     stats = {"compile_seconds": time.perf_counter() - start, "pass_seconds": dict(ctx.timings)}
-    if recipe.kv is not None:  # what the cache costs, per token and for a long context
+    if recipe.kv is not None or recipe.kv_quant is not None:  # what the cache costs, per token and at a context
         from mqc.runtime.kv import REPORT_CONTEXT, kv_accounting
 
-        stats["kv"] = kv_accounting(model, context=REPORT_CONTEXT)
+        context = recipe.kv_quant.context if recipe.kv_quant is not None else REPORT_CONTEXT
+        stats["kv"] = kv_accounting(model, context=context)
     return CompiledModel(model, recipe, ctx.results.get(keys.BIT_PLAN, {}), ctx, tokenizer, stats)

@@ -573,3 +573,67 @@ def fake_quantize_rows(x: torch.Tensor, bits: int, group_size: int | None = None
         zero = (-lo / scale).round()
         out = (((xg / scale).round() + zero).clamp(0, levels) - zero) * scale
     return out.reshape(x.shape).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache numerics (KIVI): min/max grids without the weights' zero-containing range
+# --------------------------------------------------------------------------------------------
+def quantize_minmax(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed codes, fp16 scale, fp16 minimum) of ``x`` per group of ``group_size`` along the
+    last dim, ``x_hat = code * scale + minimum`` (KIVI's grid).
+
+    Unlike weights, a cache group's range is not widened to contain 0: keys of one channel often
+    sit far from 0 (widening cost 1-2 bits there). The fp16 scale and minimum are the ones the
+    codes are computed with, so the dequantized values are reproducible from what is stored.
+    Codes: ``[..., packed_len(n, bits)]`` with :func:`pack`; scale/minimum ``[..., n / g]``.
+    """
+    size = x.shape[-1]
+    if size % group_size:
+        raise ValueError(f"last dim {size} is not a multiple of the group size {group_size}")
+    levels = (1 << bits) - 1
+    xg = x.float().reshape(*x.shape[:-1], size // group_size, group_size)
+    lo16 = xg.amin(-1).to(torch.float16)
+    scale16 = ((xg.amax(-1) - lo16.float()) / levels).clamp(_FP16_MIN_NORMAL, 65504.0).to(torch.float16)
+    codes = torch.clamp(torch.round((xg - lo16.float().unsqueeze(-1)) / scale16.float().unsqueeze(-1)), 0, levels)
+    return pack(codes.reshape(x.shape).to(torch.int32), bits), scale16, lo16
+
+
+def codes_planar(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The codes of a 2/4/8-bit :func:`pack` stream as ``dtype``, plane by plane: ``[..., n]`` holds
+    first code 0 of every byte, then code 1 of every byte, ... (stream position ``j * 8/bits + i``
+    is at ``i * bytes + j``).
+
+    This is the cache's per-step path: one widening of the split bytes and one product with the
+    other operand, whose order is permuted instead (interleaving the codes cost more than the
+    shifts and the conversion together on the CPU, measured).
+    """
+    if bits == 8:
+        return packed.to(dtype)
+    mask = (1 << bits) - 1
+    last = 8 // bits - 1
+    planes = [(packed >> (i * bits)) & mask if i < last else packed >> (i * bits) for i in range(last + 1)]
+    return torch.cat(planes, -1).to(dtype)
+
+
+def codes_float(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All codes of a 2/4/8-bit :func:`pack` stream as ``dtype``, in stream order."""
+    planar = codes_planar(packed, bits, dtype)
+    per_byte = 8 // bits
+    return planar.unflatten(-1, (per_byte, -1)).transpose(-1, -2).flatten(-2)
+
+
+def dequantize_minmax(
+    packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """float32 ``x_hat`` of :func:`quantize_minmax`."""
+    codes = codes_float(packed, bits)
+    xg = codes.reshape(*codes.shape[:-1], -1, group_size)
+    out = xg * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
+    return out.flatten(-2)
+
+
+def minmax_bytes(count: int, bits: int, group_size: int) -> int:
+    """Stored bytes of ``count`` values on :func:`quantize_minmax`'s grid (fp16: 2 per value)."""
+    if bits == FP16_BITS:
+        return count * _FP16_BYTES
+    return packed_len(count, bits) + (count // group_size) * 2 * _FP16_BYTES

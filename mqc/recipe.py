@@ -74,6 +74,38 @@ class KVRecipe:
 
 
 @dataclass(frozen=True)
+class KVQuantRecipe:
+    """Quantized KV cache: KIVI at one width (``bits``), or PM-KVQ per-layer key/value widths from
+    2/4/8/16 chosen on measured KL for a cache of ``context`` tokens at ``budget_frac`` of the fp16
+    cache's bytes there (window and sinks included). ``group``: tokens per key grid (per channel);
+    ``value_group``: channels per value grid (per token). ``lower_after``: tokens older than
+    ``window + lower_after`` drop to the next lower width (progressive lowering). ``interpolate``:
+    measure the costs at positions spread over ``context`` (positional interpolation of the short
+    calibration sequences)."""
+
+    bits: int | None = None
+    budget_frac: float | None = None
+    context: int = 4096
+    group: int = 32
+    value_group: int = 32
+    window: int = 32
+    sinks: int = 4
+    lower_after: int | None = None
+    interpolate: bool = True
+    cost_samples: int = 2  # calibration sequences each cost is measured on
+
+    def __post_init__(self) -> None:
+        if (self.bits is None) == (self.budget_frac is None):
+            raise RecipeError("a quantized KV cache needs exactly one of bits (KIVI) and budget_frac (PM-KVQ)")
+        if self.bits is not None and self.bits not in (2, 4, 8):
+            raise RecipeError(f"KV bits {self.bits} must be 2, 4 or 8")
+        if self.budget_frac is not None and not 0.0 < self.budget_frac <= 1.0:
+            raise RecipeError(f"KV budget_frac {self.budget_frac} must be a fraction of the fp16 cache in (0, 1]")
+        if self.context < 1 or self.cost_samples < 1:
+            raise RecipeError("KV context and cost_samples must be >= 1")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What to compile.
 
@@ -110,8 +142,11 @@ class Recipe:
     gguf_types: tuple[str, ...] = ()  # target gguf: the types to choose from; (): all of them
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
+    kv_quant: KVQuantRecipe | None = None
 
     def __post_init__(self) -> None:
+        if self.kv is not None and self.kv_quant is not None:
+            raise RecipeError("choose one KV cache: low-rank (kv) or quantized (kv_quant)")
         if self.method not in ("rtn", "mq"):
             raise RecipeError(f"unknown method {self.method!r}; use 'rtn' or 'mq'")
         if self.group_size not in GROUP_SIZES:

@@ -95,14 +95,14 @@ def test_cache_holds_sinks_window_and_compressed_tokens(low_rank_4bit, prefill, 
 
 
 def test_sections_layout():
-    prefill = Sections.of(past=0, new=40, window=8, sinks=4, head=4)
-    assert prefill == Sections(total=40, head=4, rebuilt_start=4, rebuilt_end=32, exact_start=4)
-    decode = Sections.of(past=40, new=1, window=8, sinks=4, head=4)
+    prefill = Sections.of(past=0, new=40, sinks=4, head=4, lags=(8,))
+    assert prefill == Sections(total=40, head=4, start=4, runs=((4, 32),), exact_start=4)
+    decode = Sections.of(past=40, new=1, sinks=4, head=4, lags=(8,))
     assert (decode.rebuilt, decode.exact_start, decode.length) == (29, 33, 41)  # [0, 41) in order
-    chunk = Sections.of(past=40, new=4, window=8, sinks=4, head=4)
+    chunk = Sections.of(past=40, new=4, sinks=4, head=4, lags=(8,))
     assert chunk.length == 4 + 32 + 44 - 33
     assert chunk.sequence_index(torch.tensor([0, 3, 4, 35, 36, 46])).tolist() == [0, 3, 4, 35, 33, 43]
-    padded = Sections.of(past=0, new=12, window=8, sinks=4, head=4 + 5)  # 5 tokens of left padding
+    padded = Sections.of(past=0, new=12, sinks=4, head=4 + 5, lags=(8,))  # 5 tokens of left padding
     assert (padded.head, padded.rebuilt_start, padded.rebuilt_end) == (9, 4, 4)
     assert padded.sequence_index(torch.tensor([8, 9, 16])).tolist() == [8, 4, 11]
 

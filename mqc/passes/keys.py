@@ -14,6 +14,7 @@ ALLOCATION = "mqc.allocation"  # AllocationReport of the exact solver
 OUTLIER_MASKS = "mqc.outlier_masks"  # dict qualname -> bool [out, in]
 QUANTIZED = "mqc.quantized"  # list of qualnames swapped for runtime modules
 KV_PLAN = "mqc.kv_plan"  # dict layer -> KV low-rank plan
+KV_QUANT_PLAN = "mqc.kv_quant_plan"  # {"settings": QuantKVSettings, "costs": KVCosts | None, "at_context": bytes}
 KV_REWRITTEN = "mqc.kv_rewritten"
 FUSION_GROUPS = "mqc.fusion_groups"  # list of tuples of qualnames fused into one launch
 HESSIANS = "mqc.hessians"  # dict qualname -> fp32 [in, in] E[x x^T] of the unit's input (shared inputs share one)

@@ -231,6 +231,10 @@ def _build(root: Path, manifest: dict[str, Any], keep_half: bool):
         for key, buffer in module.named_buffers(recurse=False):
             if buffer.is_meta:
                 setattr(module, key, torch.empty(buffer.shape, dtype=buffer.dtype))
+    if getattr(model.config, "mqc_kv", None):  # a compressed cache: its hook (low-rank projections install it too)
+        from mqc.runtime.kv import install
+
+        install(model)
     tokenizer = None
     if manifest["tokenizer"]:
         tokenizer = _read_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root, local_files_only=True))

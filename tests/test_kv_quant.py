@@ -1,0 +1,268 @@
+"""Quantized KV cache (KIVI grids, PM-KVQ widths): numerics, cache contents, decoding, allocation."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mqc
+from mqc import quant
+from mqc.errors import InfeasibleBudgetError, RecipeError, UnsupportedModelError
+from mqc.passes import keys
+from mqc.models import tiny_config
+from mqc.passes.kv_quant import PAIRS, KVCosts, allocate, base_settings, interpolated_positions
+from mqc.runtime.kv import QuantKVCache, QuantKVSettings, install, kv_accounting, quant_cache_bytes
+
+CALIB = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def ids(batch=2, length=50, seed=1):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def stepwise_logits(model, tokens, prefill, mask=None):
+    with torch.no_grad():
+        out = model(tokens[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill])
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(prefill, tokens.shape[1]):
+            step_mask = None if mask is None else mask[:, : t + 1]
+            logits.append(model(tokens[:, t : t + 1], past_key_values=cache, attention_mask=step_mask).logits)
+    return torch.cat(logits, dim=1), cache
+
+
+def mixed(layers: int, **kwargs) -> QuantKVSettings:
+    k = tuple((2, 4, 8, 16)[i % 4] for i in range(layers))
+    v = tuple((4, 2, 16, 8)[i % 4] for i in range(layers))
+    return QuantKVSettings(k, v, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), groups=st.integers(1, 4), rows=st.integers(1, 5), seed=st.integers(0, 99))
+def test_minmax_grid_matches_formula(bits, groups, rows, seed):
+    x = torch.randn(rows, groups * 16, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    packed, scale, low = quant.quantize_minmax(x, bits, 16)
+    levels = 2**bits - 1
+    xg = x.view(rows, groups, 16)
+    lo16 = xg.amin(-1).half()
+    s16 = ((xg.amax(-1) - lo16.float()) / levels).half()
+    codes = ((xg - lo16.float()[..., None]) / s16.float()[..., None]).round().clamp(0, levels)
+    assert torch.equal(scale, s16) and torch.equal(low, lo16)
+    assert torch.equal(quant.unpack(packed, bits, groups * 16).view(rows, groups, 16).float(), codes)
+    expected = (codes * s16.float()[..., None] + lo16.float()[..., None]).view(rows, -1)
+    assert torch.equal(quant.dequantize_minmax(packed, scale, low, bits, 16), expected)
+    assert (expected - x).abs().max() <= s16.float().max() * 0.5 + 1e-3  # within half a step (fp16 grid)
+    assert packed.numel() + 2 * (scale.numel() + low.numel()) == rows * quant.minmax_bytes(groups * 16, bits, 16)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_planar_codes_are_the_stream_by_plane(bits):
+    packed = torch.randint(0, 256, (3, 6), dtype=torch.uint8)
+    codes = quant.unpack(packed, bits, 6 * 8 // bits).float()
+    planes = 8 // bits
+    planar = quant.codes_planar(packed, bits)
+    for i in range(planes):  # plane i holds the i-th code of every byte
+        assert torch.equal(planar[:, i * 6 : (i + 1) * 6], codes[:, i::planes])
+    assert torch.equal(quant.codes_float(packed, bits), codes)
+
+
+# --------------------------------------------------------------------------------------------
+# cache contents
+# --------------------------------------------------------------------------------------------
+def test_cache_contents_equal_reference_across_window_and_lowering():
+    model = mqc.tiny_model("llama")
+    layers = model.config.num_hidden_layers
+    s = QuantKVSettings((4,) * layers, (8,) * layers, window=5, sinks=2, group=4, value_group=8,
+                        lower_after=8, k_low=(2,) * layers, v_low=(4,) * layers)  # fmt: skip
+    install(model, s)
+    cache = QuantKVCache(model)
+    layer = cache.layers[0]
+    heads, d = model.config.num_key_value_heads, model.config.head_dim
+    gen = torch.Generator().manual_seed(3)
+    seen_k, seen_v = [], []
+    for step in range(60):
+        k, v = torch.randn(1, heads, 1, d, generator=gen), torch.randn(1, heads, 1, d, generator=gen)
+        seen_k.append(k)
+        seen_v.append(v)
+        cache.begin_forward(None, None, 1, 1, k.device)
+        layer.update(k, v)
+        total = step + 1
+        all_k, all_v = torch.cat(seen_k, 2), torch.cat(seen_v, 2)
+        start = min(2, total)
+        b0 = start + 4 * (max(0, total - start - 5) // 4)
+        b1 = start + 4 * (max(0, total - start - 13) // 4)
+        assert layer.n_exact == total - b0 and torch.equal(layer.keys[..., : layer.n_exact, :], all_k[..., b0:, :])
+        assert torch.equal(layer.head_keys, all_k[..., :start, :])
+        assert (layer.stages[0].tokens, layer.stages[1].tokens) == (b0 - b1, b1 - start)
+
+        def hi(x, per_channel):  # the reference grid of stage 0 (keys per channel, values per token)
+            if per_channel:
+                g = x.unflatten(2, (-1, 4)).transpose(-1, -2)
+                return quant.dequantize_minmax(*quant.quantize_minmax(g, 4, 4), 4, 4).transpose(-1, -2).flatten(2, 3)
+            return quant.dequantize_minmax(*quant.quantize_minmax(x, 8, 8), 8, 8)
+
+        def lo(x, per_channel):  # stage 1: re-quantized from stage 0's stored values
+            y = hi(x, per_channel)
+            if per_channel:
+                g = y.unflatten(2, (-1, 4)).transpose(-1, -2)
+                return quant.dequantize_minmax(*quant.quantize_minmax(g, 2, 4), 2, 4).transpose(-1, -2).flatten(2, 3)
+            return quant.dequantize_minmax(*quant.quantize_minmax(y, 4, 8), 4, 8)
+
+        if b0 > b1:
+            keys0, values0 = layer.stages[0].decode()
+            assert torch.equal(keys0, hi(all_k[..., b1:b0, :], True))
+            assert torch.equal(values0, hi(all_v[..., b1:b0, :], False))
+        if b1 > start:
+            keys1, values1 = layer.stages[1].decode()
+            assert torch.equal(keys1, lo(all_k[..., start:b1, :], True))
+            assert torch.equal(values1, lo(all_v[..., start:b1, :], False))
+    held = layer.nbytes()["compressed"]
+    per_token = [s.token_bytes(0, k, heads, d) for k in (0, 1)]
+    assert held == layer.stages[0].tokens * per_token[0] + layer.stages[1].tokens * per_token[1]
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_one_forward_equals_stepwise_decoding(family):
+    """Mixed widths and progressive lowering: a single forward sees what decoding sees (the mask),
+    and the decode path that reads codes directly equals it."""
+    model = mqc.tiny_model(family)
+    layers = model.config.num_hidden_layers
+    install(model, mixed(layers, window=6, sinks=2, group=4, value_group=8, lower_after=8,
+                         k_low=(2,) * layers, v_low=(2,) * layers))  # fmt: skip
+    x = ids()
+    with torch.no_grad():
+        once = model(x).logits
+    stepped, cache = stepwise_logits(model, x, prefill=9)
+    assert isinstance(cache, QuantKVCache)
+    torch.testing.assert_close(stepped, once, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        exact = model(x, use_cache=False).logits
+    assert (once - exact).abs().max() > 1e-3  # the cache changed something
+
+
+def test_left_padded_batch():
+    """Groups are aligned on the batch's sequence index: an unpadded row decodes as it would alone;
+    a padded row's groups hold different tokens (documented), but its one forward and its
+    token-by-token decoding still agree."""
+    model = mqc.tiny_model("llama")
+    install(
+        model, QuantKVSettings.uniform(model.config.num_hidden_layers, 2, window=4, sinks=2, group=4, value_group=8)
+    )
+    x = ids(length=30)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    batched, _ = stepwise_logits(model, x, prefill=12, mask=mask)
+    alone, _ = stepwise_logits(model, x[:1], prefill=12)
+    torch.testing.assert_close(batched[:1], alone, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        once = model(x, attention_mask=mask).logits
+    torch.testing.assert_close(batched[1:, 5:], once[1:, 5:], atol=2e-5, rtol=1e-4)
+
+
+def test_full_precision_settings_reproduce_the_original():
+    original = mqc.tiny_model("llama")
+    layers = original.config.num_hidden_layers
+    x = ids()
+    with torch.no_grad():
+        reference = original(x).logits
+        wide = copy.deepcopy(original)
+        install(wide, QuantKVSettings.uniform(layers, 2, window=64, value_group=8))  # every token in the window
+        assert torch.equal(wide(x).logits, reference)
+        fp16 = copy.deepcopy(original)
+        install(fp16, QuantKVSettings.uniform(layers, 16, window=4, group=4, value_group=8))
+        torch.testing.assert_close(fp16(x).logits, reference, atol=2e-3, rtol=0)  # fp16 storage only
+        stepped, _ = stepwise_logits(fp16, x, prefill=5)
+        torch.testing.assert_close(stepped, reference, atol=2e-3, rtol=0)
+
+
+def test_generate_and_artifact_round_trip(tmp_path):
+    model = mqc.tiny_model("qwen2")
+    kv = mqc.KVQuantRecipe(bits=4, window=4, sinks=2, group=4, value_group=8, context=256)
+    compiled = mqc.compile(model, mqc.Recipe(method="rtn", bits=4, group_size=32, kv_quant=kv), progress=False)
+    out = compiled.model.generate(ids(batch=1, length=6), max_new_tokens=20, do_sample=False)
+    mqc.save(compiled, tmp_path / "a")
+    loaded, _ = mqc.load(tmp_path / "a")
+    again = loaded.generate(ids(batch=1, length=6), max_new_tokens=20, do_sample=False)
+    assert torch.equal(out, again)
+    assert kv_accounting(tmp_path / "a", 256) == kv_accounting(compiled.model, 256)
+    assert compiled.stats["kv"]["kv_fraction"] == kv_accounting(loaded, 256)["kv_fraction"]
+
+
+def test_refusals():
+    with pytest.raises(RecipeError):
+        mqc.KVQuantRecipe()  # neither bits nor budget
+    with pytest.raises(RecipeError):
+        mqc.KVQuantRecipe(bits=3)
+    with pytest.raises(RecipeError):
+        mqc.Recipe(kv=mqc.KVRecipe(), kv_quant=mqc.KVQuantRecipe(bits=4))
+    with pytest.raises(RecipeError):
+        QuantKVSettings((4, 5), (4, 4))
+    model = mqc.tiny_model("llama")
+    install(model, QuantKVSettings.uniform(model.config.num_hidden_layers, 4, value_group=20))
+    with pytest.raises(UnsupportedModelError, match="value groups"):
+        model(ids())
+
+
+# --------------------------------------------------------------------------------------------
+# allocation (PM-KVQ)
+# --------------------------------------------------------------------------------------------
+def test_positions_are_interpolated_over_the_context():
+    p = interpolated_positions(48, 4096)
+    assert p[0] == 0 and p[-1] == 4095 and bool((p.diff() > 0).all())
+    assert torch.equal(interpolated_positions(48, 32), torch.arange(48))
+
+
+@settings(max_examples=25, deadline=None)
+@given(frac=st.floats(0.15, 1.0), seed=st.integers(0, 999), lower=st.sampled_from([None, 64]))
+def test_allocation_is_the_exact_optimum_within_the_budget(frac, seed, lower):
+    config = tiny_config("llama")
+    layers = config.num_hidden_layers
+    gen = torch.Generator().manual_seed(seed)
+
+    def table():
+        return tuple(
+            dict(zip((2, 4, 8, 16), sorted(torch.rand(4, generator=gen).tolist(), reverse=True))) for _ in range(layers)
+        )
+
+    costs = KVCosts(table(), table())
+    kv = mqc.KVQuantRecipe(budget_frac=frac, context=512, group=32, value_group=8, lower_after=lower)
+
+    def fraction(pairs):
+        s = base_settings(kv, layers, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+        return quant_cache_bytes(s, config, 512)["kv_fraction"]
+
+    def cost(pairs):
+        s = base_settings(kv, layers, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+        tokens = quant_cache_bytes(s, config, 512)["stage_tokens"]
+        stages = [list(zip(s.k_bits, s.v_bits))] + ([list(zip(s.k_low, s.v_low))] if lower else [])
+        return sum(n / sum(tokens) * costs.of(i, st_[i]) for st_, n in zip(stages, tokens) for i in range(layers))
+
+    fitting = [c for c in itertools.product(PAIRS, repeat=layers) if fraction(c) <= frac]
+    if not fitting:
+        with pytest.raises(InfeasibleBudgetError):
+            allocate(costs, kv, config)
+        return
+    s = allocate(costs, kv, config)
+    chosen = tuple(zip(s.k_bits, s.v_bits))
+    assert fraction(chosen) <= frac
+    assert cost(chosen) <= min(cost(c) for c in fitting) + 1e-9
+
+
+def test_pm_kvq_compile_measures_costs_and_fits():
+    model = mqc.tiny_model("llama")
+    kv = mqc.KVQuantRecipe(budget_frac=0.5, context=512, group=8, value_group=8, window=8, sinks=2)
+    compiled = mqc.compile(model, mqc.Recipe(method="rtn", bits=16, kv_quant=kv), calib=CALIB, progress=False)
+    plan = compiled.context[keys.KV_QUANT_PLAN]
+    assert plan["at_context"]["kv_fraction"] <= 0.5
+    for table in (*plan["costs"].key, *plan["costs"].value):
+        assert table[16] == 0.0 and table[2] >= table[4] >= table[8] >= 0.0
+    assert max(plan["costs"].value[0].values()) > 0  # measured, not zero
+    assert compiled.stats["kv"]["kv_fraction"] == plan["at_context"]["kv_fraction"]
