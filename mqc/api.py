@@ -83,7 +83,8 @@ def _measured_kl_pipeline(recipe: Recipe) -> list[Pass]:
 
     search = recipe.search == "evo" and recipe.search_generations > 0
     passes: list[Pass] = [ActivationStats(hessians=recipe.uses_gptq), Candidates(gptq=recipe.uses_gptq)]
-    passes += [OutputFisher(), PredictedKL(), AllocateBits(final=not search), LowerCandidates()]
+    joint = recipe.memory is not None  # the KV cache's widths join the weights' knapsack
+    passes += [OutputFisher(), PredictedKL(), AllocateBits(final=not search, joint=joint), LowerCandidates()]
     return passes + ([EvoSearch()] if search else [])
 
 
@@ -116,9 +117,10 @@ def default_pipeline(recipe: Recipe) -> list[Pass]:
 
         passes.append(KVLowRank())
     if recipe.kv_quant is not None:
-        from mqc.passes.kv_quant import KVQuant
+        from mqc.passes.kv_quant import KVCostsPass, KVQuant
 
-        passes.append(KVQuant())
+        passes += [KVCostsPass()] if recipe.kv_quant.measured else []
+        passes.append(KVQuant(recipe.kv_quant, joint=recipe.memory is not None))
     # Sibling groups are recorded here and fused when the model moves to CUDA (fuse_model): the
     # artifact keeps one module per layer, which per-layer accounting and the ONNX export read.
     from mqc.passes.fuse import FuseSiblings
@@ -188,7 +190,12 @@ def compile(
         from mqc.passes.bit_alloc import check_budget
 
         _run_missing(pipeline, ctx, {keys.UNITS, keys.MODEL_SIZE})
-        check_budget(recipe, ctx[keys.UNITS], ctx[keys.MODEL_SIZE])
+        reserved = 0
+        if recipe.memory is not None:  # the narrowest KV cache is known from the shapes too
+            from mqc.passes.kv_quant import kv_options
+
+            reserved = kv_options(None, recipe.kv_quant, model.config).floor()
+        check_budget(recipe, ctx[keys.UNITS], ctx[keys.MODEL_SIZE], reserved)
     _run_missing(pipeline, ctx)
     stats = {"compile_seconds": time.perf_counter() - start, "pass_seconds": dict(ctx.timings)}
     if recipe.kv is not None or recipe.kv_quant is not None:  # what the cache costs, per token and at a context

@@ -64,6 +64,14 @@ _KV_FLAGS = {
     "kv_budget": "budget_frac",
     "kv_sinks": "sink_tokens",
 }
+_KV_QUANT_FLAGS = {
+    "kv_bits": "bits",
+    "kv_mixed": "budget_frac",
+    "kv_context": "context",
+    "kv_group": "group",
+    "kv_lower_after": "lower_after",
+    "kv_batch": "batch",
+}
 
 
 def recipe_from_args(args: argparse.Namespace, size: str | None = None):
@@ -76,6 +84,10 @@ def recipe_from_args(args: argparse.Namespace, size: str | None = None):
         data.setdefault("method", "mq")  # a size budget is what mq allocates; --method rtn is refused by the recipe
     if args.target == "gguf":
         data.setdefault("method", "mq")  # a GGUF plan is an mq allocation over llama.cpp's types
+    if getattr(args, "memory", None) is not None:
+        data.update(memory=args.memory)
+        data.setdefault("method", "mq")
+        data["kv_quant"] = data.get("kv_quant") or {}
     for flag, key in _RECIPE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -86,6 +98,11 @@ def recipe_from_args(args: argparse.Namespace, size: str | None = None):
     kv = {key: getattr(args, flag) for flag, key in _KV_FLAGS.items() if getattr(args, flag) is not None}
     if kv:
         data["kv"] = {**(data.get("kv") or {}), **kv}
+    kv_quant = {key: getattr(args, flag) for flag, key in _KV_QUANT_FLAGS.items() if getattr(args, flag) is not None}
+    if kv_quant:
+        if "group" in kv_quant:
+            kv_quant["value_group"] = kv_quant["group"]
+        data["kv_quant"] = {**(data.get("kv_quant") or {}), **kv_quant}
     return Recipe.from_dict(data)
 
 
@@ -152,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-train-steps", type=int, help="reconstruction training steps per layer")
     c.add_argument("--kv-budget", type=float, help="choose per-layer K/V ranks for this fraction of KV memory")
     c.add_argument("--kv-sinks", type=int, help="first tokens of a sequence kept exact (default 4)")
+    c.add_argument("--kv-bits", type=int, choices=[2, 4, 8], help="quantized KV cache at this width (KIVI)")
+    c.add_argument("--kv-mixed", type=float, metavar="FRAC",
+                   help="quantized KV cache, per-layer widths (PM-KVQ) for this fraction of the fp16 cache at --kv-context")
+    c.add_argument("--kv-context", type=int, help="quantized KV: tokens the cache is sized for (default 4096)")
+    c.add_argument("--kv-group", type=int, help="quantized KV: tokens per key grid and channels per value grid (default 32)")
+    c.add_argument("--kv-lower-after", type=int, metavar="TOKENS",
+                   help="quantized KV: tokens older than the window + this drop one width (progressive lowering)")
+    c.add_argument("--memory", metavar="SIZE",
+                   help="joint budget for the whole model plus a quantized KV cache of --kv-context tokens "
+                   "(e.g. 150MB): weight and KV widths chosen together (implies --method mq)")
+    c.add_argument("--kv-batch", type=int, help="joint budget: sequences whose KV caches it holds (default 1)")
     c.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON")

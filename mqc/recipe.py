@@ -81,7 +81,8 @@ class KVQuantRecipe:
     ``value_group``: channels per value grid (per token). ``lower_after``: tokens older than
     ``window + lower_after`` drop to the next lower width (progressive lowering). ``interpolate``:
     measure the costs at positions spread over ``context`` (positional interpolation of the short
-    calibration sequences)."""
+    calibration sequences). With neither ``bits`` nor ``budget_frac``, the recipe's ``memory``
+    chooses the widths together with the weights' (for ``batch`` sequences of ``context`` tokens)."""
 
     bits: int | None = None
     budget_frac: float | None = None
@@ -93,16 +94,22 @@ class KVQuantRecipe:
     lower_after: int | None = None
     interpolate: bool = True
     cost_samples: int = 2  # calibration sequences each cost is measured on
+    batch: int = 1  # sequences whose caches the joint memory budget holds
 
     def __post_init__(self) -> None:
-        if (self.bits is None) == (self.budget_frac is None):
-            raise RecipeError("a quantized KV cache needs exactly one of bits (KIVI) and budget_frac (PM-KVQ)")
+        if self.bits is not None and self.budget_frac is not None:
+            raise RecipeError("a quantized KV cache takes bits (KIVI) or budget_frac (PM-KVQ), not both")
         if self.bits is not None and self.bits not in (2, 4, 8):
             raise RecipeError(f"KV bits {self.bits} must be 2, 4 or 8")
         if self.budget_frac is not None and not 0.0 < self.budget_frac <= 1.0:
             raise RecipeError(f"KV budget_frac {self.budget_frac} must be a fraction of the fp16 cache in (0, 1]")
-        if self.context < 1 or self.cost_samples < 1:
-            raise RecipeError("KV context and cost_samples must be >= 1")
+        if self.context < 1 or self.cost_samples < 1 or self.batch < 1:
+            raise RecipeError("KV context, cost_samples and batch must be >= 1")
+
+    @property
+    def measured(self) -> bool:
+        """Whether the widths are chosen on measured costs (PM-KVQ or a joint memory budget)."""
+        return self.bits is None
 
 
 @dataclass(frozen=True)
@@ -143,10 +150,12 @@ class Recipe:
     calib: CalibRecipe = field(default_factory=CalibRecipe)
     kv: KVRecipe | None = None
     kv_quant: KVQuantRecipe | None = None
+    memory: str | None = None  # joint budget: whole model + quantized KV cache of kv_quant.batch x context tokens
 
     def __post_init__(self) -> None:
         if self.kv is not None and self.kv_quant is not None:
             raise RecipeError("choose one KV cache: low-rank (kv) or quantized (kv_quant)")
+        self._check_memory()
         if self.method not in ("rtn", "mq"):
             raise RecipeError(f"unknown method {self.method!r}; use 'rtn' or 'mq'")
         if self.group_size not in GROUP_SIZES:
@@ -212,6 +221,21 @@ class Recipe:
                     f"pin {pin.pattern!r} asks for at least {pin.min_bits} bits but the widest allowed width is "
                     f"{max(self.allowed_bits)}; allow a wider width or lower the pin"
                 )
+
+    def _check_memory(self) -> None:
+        kv = self.kv_quant
+        if self.memory is None:
+            if kv is not None and kv.bits is None and kv.budget_frac is None:
+                raise RecipeError("a quantized KV cache needs bits (KIVI), budget_frac (PM-KVQ) or a joint memory budget")
+            return
+        if parse_size(self.memory).nbytes is None:
+            raise RecipeError(f"memory {self.memory!r} must be bytes (like '150MB'), not bits per weight")
+        if self.method != "mq" or self.sensitivity != "kl" or self.target == "gguf":
+            raise RecipeError("a joint memory budget is an mq allocation on KL costs (--method mq, not target gguf)")
+        if kv is None or kv.bits is not None or kv.budget_frac is not None:
+            raise RecipeError("a joint memory budget chooses the KV widths itself: give kv_quant without bits or budget_frac")
+        if any(x is not None for x in (self.size, self.budget_bytes, self.budget_frac)):
+            raise RecipeError("memory replaces size, budget_bytes and budget_frac: give only memory")
 
     @property
     def embeddings_included(self) -> bool:

@@ -76,6 +76,8 @@ def build_report(compiled, evaluation: dict[str, Any] | None = None) -> dict[str
             "budget_bits": allocation.budget_bits,
             "used_bits": allocation.used_bits,
         }
+    if keys.JOINT_SPLIT in ctx:
+        report["joint"] = ctx[keys.JOINT_SPLIT]
     size = ctx.results.get(keys.MODEL_SIZE)
     if size is not None:
         plan_bytes = report["totals"]["bytes"]
@@ -173,6 +175,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         from mqc.runtime.kv import kv_summary_lines
 
         lines += kv_summary_lines(report["kv"])
+    if "joint" in report:
+        lines += joint_lines(report["joint"], report.get("size", {}).get("total_bytes"))
     lines.append(f"compile time {report['timings']['compile_seconds']:.1f} s, peak memory {report['peak_rss_mib']:.0f} MiB")
     stages = [
         f"{n} {v['seconds']:.0f} s" + (f" ({v['peak_rss_mib']:.0f} MiB)" if v["peak_rss_mib"] else "")
@@ -187,6 +191,24 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"perplexity: reference {ev['ppl_reference']:.3f}, compiled {ev['ppl_compiled']:.3f} "
             f"({ev['ppl_compiled'] / ev['ppl_reference']:.3f}x) on {ev['tokens']} tokens of {ev['text']}"
         )
+    return lines
+
+
+def joint_lines(joint: dict[str, Any], weights_bytes: int | None) -> list[str]:
+    """A joint memory budget's split, and what the same memory buys with a fixed KV width."""
+    mib = 2**20
+    stored = weights_bytes if weights_bytes is not None else joint["weights_bytes"]
+    split = (
+        f"memory {joint['memory_bytes'] / mib:.2f} MiB holds weights {stored / mib:.2f} MiB + KV cache "
+        f"{joint['kv_bytes'] / mib:.2f} MiB ({joint['batch']} x {joint['context']:,} tokens); "
+        f"predicted KL {joint['predicted_cost']:.4f}"
+    )
+    lines = [split]
+    fixed = [
+        f"KV{r['kv_bits']}: {r['predicted_cost']:.4f}" if r["predicted_cost"] is not None else f"KV{r['kv_bits']}: does not fit"
+        for r in joint["fixed_kv"]
+    ]
+    lines.append("same memory, weights-only allocation + one KV width for every layer, predicted KL: " + ", ".join(fixed))
     return lines
 
 

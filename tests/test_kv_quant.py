@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import mqc
 from mqc import quant
 from mqc.errors import InfeasibleBudgetError, RecipeError, UnsupportedModelError
-from mqc.passes import keys
 from mqc.models import tiny_config
+from mqc.passes import keys
 from mqc.passes.kv_quant import PAIRS, KVCosts, allocate, base_settings, interpolated_positions
 from mqc.runtime.kv import QuantKVCache, QuantKVSettings, install, kv_accounting, quant_cache_bytes
 
@@ -197,8 +197,16 @@ def test_generate_and_artifact_round_trip(tmp_path):
 
 
 def test_refusals():
-    with pytest.raises(RecipeError):
-        mqc.KVQuantRecipe()  # neither bits nor budget
+    with pytest.raises(RecipeError, match="needs bits"):
+        mqc.Recipe(kv_quant=mqc.KVQuantRecipe())  # neither bits, budget nor a joint memory
+    with pytest.raises(RecipeError, match="not both"):
+        mqc.KVQuantRecipe(bits=4, budget_frac=0.2)
+    with pytest.raises(RecipeError, match="mq allocation"):
+        mqc.Recipe(memory="10MB", kv_quant=mqc.KVQuantRecipe())
+    with pytest.raises(RecipeError, match="bits per weight"):
+        mqc.Recipe(method="mq", memory="3bpw", kv_quant=mqc.KVQuantRecipe())
+    with pytest.raises(RecipeError, match="only memory"):
+        mqc.Recipe(method="mq", memory="10MB", size="5MB", kv_quant=mqc.KVQuantRecipe())
     with pytest.raises(RecipeError):
         mqc.KVQuantRecipe(bits=3)
     with pytest.raises(RecipeError):
@@ -260,9 +268,61 @@ def test_pm_kvq_compile_measures_costs_and_fits():
     model = mqc.tiny_model("llama")
     kv = mqc.KVQuantRecipe(budget_frac=0.5, context=512, group=8, value_group=8, window=8, sinks=2)
     compiled = mqc.compile(model, mqc.Recipe(method="rtn", bits=16, kv_quant=kv), calib=CALIB, progress=False)
-    plan = compiled.context[keys.KV_QUANT_PLAN]
+    plan, costs = compiled.context[keys.KV_QUANT_PLAN], compiled.context[keys.KV_COSTS]
     assert plan["at_context"]["kv_fraction"] <= 0.5
-    for table in (*plan["costs"].key, *plan["costs"].value):
+    for table in (*costs.key, *costs.value):
         assert table[16] == 0.0 and table[2] >= table[4] >= table[8] >= 0.0
-    assert max(plan["costs"].value[0].values()) > 0  # measured, not zero
+    assert max(costs.value[0].values()) > 0  # measured, not zero
     assert compiled.stats["kv"]["kv_fraction"] == plan["at_context"]["kv_fraction"]
+    assert compiled.model.config.mqc_kv["kind"] == "quant"
+
+
+# --------------------------------------------------------------------------------------------
+# one memory budget for weights and KV
+# --------------------------------------------------------------------------------------------
+JOINT_KV = mqc.KVQuantRecipe(context=2048, group=8, value_group=8, window=8, sinks=2, cost_samples=1)
+
+
+@pytest.fixture(scope="module")
+def joint():
+    recipe = mqc.Recipe(method="mq", memory="0.8MB", kv_quant=JOINT_KV, search="none")
+    return mqc.compile(mqc.tiny_model("llama"), recipe, calib=CALIB, progress=False)
+
+
+def test_joint_budget_holds_weights_and_kv(joint):
+    from mqc.report import build_report, summary_lines
+
+    split = joint.context[keys.JOINT_SPLIT]
+    kv = quant_cache_bytes(joint.context[keys.KV_CHOICE], joint.model.config, 2048)["cache_bytes_after"]
+    weights = joint.model_bytes
+    assert split["kv_bytes"] == kv and weights + kv <= 800_000 == split["memory_bytes"]
+    assert min(joint.context[keys.KV_CHOICE].k_bits) < 16  # the budget forced the cache below fp16
+    assert tuple(joint.model.config.mqc_kv["k_bits"]) == joint.context[keys.KV_CHOICE].k_bits
+    assert {r["kv_bits"] for r in split["fixed_kv"]} == {2, 4, 8, 16}
+    fitting = [r["predicted_cost"] for r in split["fixed_kv"] if r["predicted_cost"] is not None]
+    assert split["predicted_cost"] <= min(fitting) + 1e-12  # the joint optimum includes every fixed split
+    lines = summary_lines(build_report(joint))
+    assert any(line.startswith("memory 0.76 MiB holds weights") for line in lines)
+
+
+def test_joint_budget_refused_before_analysis():
+    recipe = mqc.Recipe(method="mq", memory="0.2MB", kv_quant=JOINT_KV, search="none")
+    with pytest.raises(InfeasibleBudgetError, match="narrowest KV cache"):
+        mqc.compile(mqc.tiny_model("llama"), recipe, calib=CALIB, progress=False)
+
+
+def test_cli_flags_build_the_recipe():
+    from mqc.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(
+        ["compile", "--out", "x", "--memory", "150MB", "--kv-context", "8192", "--kv-batch", "2"]
+    )
+    recipe = recipe_from_args(args)
+    assert (recipe.method, recipe.memory) == ("mq", "150MB")
+    assert (recipe.kv_quant.context, recipe.kv_quant.batch, recipe.kv_quant.measured) == (8192, 2, True)
+    args = build_parser().parse_args(
+        ["compile", "--out", "x", "--kv-mixed", "0.2", "--kv-group", "64", "--kv-lower-after", "512"]
+    )
+    kv = recipe_from_args(args).kv_quant
+    assert (kv.budget_frac, kv.group, kv.value_group, kv.lower_after) == (0.2, 64, 64, 512)
+    assert recipe_from_args(build_parser().parse_args(["compile", "--out", "x", "--kv-bits", "4"])).kv_quant.bits == 4

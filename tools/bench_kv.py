@@ -1,27 +1,29 @@
-"""Low-rank KV cache (CSKV) benchmark on the embedded default model (Brown evaluation split).
+"""KV caches side by side on the default model: fp16, KIVI 4/2-bit, low-rank, PM-KVQ under budgets.
 
-    python tools/bench_kv.py   -> benchmarks/results/kv_lowrank.json + kv_lowrank.png
+    python tools/bench_kv.py   -> benchmarks/results/kv.json + kv.png
 
-Quality: perplexity with mqc.data.perplexity at --context 1024, stride = context, on the first
---tokens evaluation tokens. One forward per window computes, for every query, attention over
-the *rebuilt* K/V of tokens at least --window positions back and exact K/V of the newer ones:
-exactly what token-by-token decoding with the compressed cache sees (mqc.runtime.kv), so ~97%
-of the scored tokens have most of their context in the compressed branch.
+Quality: perplexity (mqc.data.perplexity, stride = context) at each --contexts length on the first
+--tokens Brown evaluation tokens (the split's documents concatenated). One forward per window
+shows every query the copy of each key that token-by-token decoding would (mqc.runtime.kv.layout),
+so the figure is compressed decoding's. ppl_ratio is against the fp16 cache (HF's DynamicCache,
+exact) at the same context.
 
-Sweep: rank 0.75/0.5/0.25 of the K/V width x SVD / activation-aware SVD x without / with
-reconstruction training x fp16 / 4-bit compressed features, then per-projection ranks chosen
-under KV budgets by the exact allocator, then an ablation without the exact attention-sink
-tokens. Activation statistics, the graph and the training inputs depend only on the base model:
-computed once, reused by every configuration. --threads (default 1) torch threads: on this
-shared 2-core machine one thread ran the evaluation ~4x faster than two (measured).
+Memory: kv_fraction = compressed cache bytes / fp16 cache bytes of a whole cache of that context
+(sinks and window included; mqc.runtime.kv accounting, the one the compile report prints).
 
-Memory: mqc.runtime.kv.kv_accounting at the evaluation context (window, features, positions;
-full-precision K/V counted at fp16) and per token far from the window.
+Rows: fp16; KIVI (keys per channel in groups of 32 tokens, values per token in groups of 32,
+window 32 + sinks 4) at 4 and 2 bits; the low-rank cache's best configuration of
+tools/bench_kv_lowrank.py (activation-aware SVD, trained, 4-bit features, ranks by the knapsack
+at 25% of the fp16 per-token bytes) and the same allocator at lower budgets; PM-KVQ (per-layer
+key/value widths from 2/4/8/16 chosen by the exact knapsack on KL measured through the cache at
+positions interpolated over 4096 tokens, keys in groups of --pm-group tokens, values per head) at
+each --budgets fraction of the fp16 cache at that context. A budget below what 2-bit codes and the
+exact window need is reported as infeasible (no perplexity) with that minimum.
 
-Speed: greedy decode tokens/s with the default DynamicCache vs the compressed cache of the best
-configurations reaching >= 50% and >= 80% KV reduction, at --speed-contexts tokens of context.
-The models decode step by step in turn (interleaved), so load changes on this shared machine hit
-all of them alike; the median step time is reported. Prefill time is reported separately.
+Speed: greedy decode, paired: every model decodes one step in turn (the same load hits all), at
+each context of --contexts and --speed-contexts; decode_vs_fp16_cache is the median over steps of
+(fp16 cache step time / this cache's step time). --threads 1: on this shared 2-core machine one
+thread measured faster for these sizes.
 """
 
 from __future__ import annotations
@@ -33,154 +35,49 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_kv_lowrank import Bench as LowRankBench
 
 import mqc
-from mqc.capture import capture
-from mqc.data import calibration_batches, perplexity, token_stream
-from mqc.graph import GraphView
+from mqc.data import perplexity
+from mqc.errors import InfeasibleBudgetError
 from mqc.passes import keys
-from mqc.passes.act_stats import ActivationStats
-from mqc.passes.base import CompileContext
-from mqc.passes.kv_lowrank import TRAIN_TOKENS, KVLowRank, collect_inputs
-from mqc.passes.quantize import round_to_fp16
-from mqc.passes.units import SelectUnits
+from mqc.passes.kv_quant import allocate, base_settings, measure_costs
 from mqc.report import machine
-from mqc.runtime.kv import kv_accounting
+from mqc.runtime.kv import QuantKVSettings, install, kv_accounting, quant_cache_bytes
 
 RESULTS = ROOT / "benchmarks" / "results"
+LOWRANK_BEST = {"method": "asvd", "window": 32, "quant_bits": 4, "train_steps": 10}
 
 
-@dataclasses.dataclass(frozen=True)
-class KVWithSinks(mqc.KVRecipe):
-    """A KV recipe with the number of exact attention-sink tokens (not a KVRecipe field yet)."""
-
-    sink_tokens: int = 4
+def kivi(layers: int, bits: int) -> QuantKVSettings:
+    return QuantKVSettings.uniform(layers, bits, window=32, sinks=4, group=32, value_group=32)
 
 
-class Bench:
-    """The base model and everything the KV pass needs, computed once."""
-
-    def __init__(self, args):
-        self.args = args
-        self.base, tok = mqc.load_hf_model()
-        round_to_fp16(self.base)  # what every compiled artifact holds
-        self.ids = token_stream(tok, "eval")
-        calib = calibration_batches(tok, args.calib_samples, args.calib_len)
-        start = time.perf_counter()
-        graph = GraphView(capture(self.base), self.base)
-        recipe = mqc.Recipe(bits=16, kv=mqc.KVRecipe())
-        ctx = CompileContext(self.base, recipe, {keys.GRAPH: graph, keys.CALIB: calib}, progress=False)
-        SelectUnits().run(ctx)
-        ActivationStats().run(ctx)
-        k_names = [site.k_proj for site in graph.kv_sites]
-        self.inputs = collect_inputs(self.base, k_names, calib, TRAIN_TOKENS * 9 // 8)
-        self.shared = {keys.GRAPH: graph, keys.CALIB: calib, keys.ACT_STATS: ctx[keys.ACT_STATS], keys.QUANTIZED: []}
-        self.setup_seconds = time.perf_counter() - start
-
-    def compress(self, kv: mqc.KVRecipe) -> tuple[torch.nn.Module, CompileContext, float]:
-        model = copy.deepcopy(self.base)
-        ctx = CompileContext(model, mqc.Recipe(bits=16, kv=kv), dict(self.shared), progress=False)
-        start = time.perf_counter()
-        KVLowRank(kv, self.inputs).run(ctx)
-        return model, ctx, time.perf_counter() - start
-
-    def ppl(self, model) -> float:
-        return perplexity(model, self.ids, context=self.args.context, max_tokens=self.args.tokens, progress=False)
-
-
-def errors(ctx: CompileContext) -> dict:
-    projections = [p for layer in ctx[keys.KV_PLAN].values() for p in (layer.k, layer.v)]
-    out = {"spectral_error": statistics.mean(p.spectral_error for p in projections)}
-    if projections[0].heldout_error_init is not None:
-        out["heldout_error_init"] = statistics.mean(p.heldout_error_init for p in projections)
-        out["heldout_error_trained"] = statistics.mean(p.heldout_error_trained for p in projections)
-    return out
-
-
-def sweep_configs(args) -> list[mqc.KVRecipe]:
-    configs = [
-        mqc.KVRecipe(rank=rank, method=method, window=args.window, quant_bits=bits, train_steps=steps)
-        for rank in (0.75, 0.5, 0.25)
-        for method in ("svd", "asvd")
-        for steps in (0, args.train_steps)
-        for bits in (None, 4)
-    ]
-    configs += [
-        mqc.KVRecipe(method="asvd", window=args.window, quant_bits=bits, train_steps=args.train_steps, budget_frac=frac)
-        for bits, frac in ((None, 0.45), (8, 0.35), (8, 0.25), (4, 0.25), (4, 0.2), (4, 0.15))
-    ]
-    configs += [
-        KVWithSinks(rank=0.5, method="asvd", window=args.window, train_steps=steps, sink_tokens=0)
-        for steps in (0, args.train_steps)
-    ]
-    return configs
-
-
-def run_sweep(bench: Bench) -> tuple[dict, list[dict]]:
-    base_ppl = bench.ppl(bench.base)
-    print(f"base: ppl {base_ppl:.3f}", flush=True)
-    rows = []
-    for kv in sweep_configs(bench.args):
-        model, ctx, compile_s = bench.compress(kv)
-        start = time.perf_counter()
-        ppl = bench.ppl(model)
-        acc = kv_accounting(model, bench.args.context)
-        row = {
-            "sink_tokens": getattr(kv, "sink_tokens", model.config.mqc_kv["sinks"]),
-            **asdict(kv),
-            "rank": kv.rank if kv.budget_frac is None else None,  # a budget picks the ranks itself
-            "ppl": ppl,
-            "ppl_ratio": ppl / base_ppl,
-            "kv_fraction_at_context": acc["cache_bytes_after"] / acc["cache_bytes_before"],
-            "reduction_at_context": acc["reduction_at_context"],
-            "reduction_per_token": acc["reduction"],
-            "bytes_per_token_before": acc["bytes_per_token_before"],
-            "bytes_per_token_after": acc["bytes_per_token_after"],
-            "k_ranks": [r["k_rank"] for r in acc["layers"]],
-            "v_ranks": [r["v_rank"] for r in acc["layers"]],
-            **errors(ctx),
-            "compile_seconds": compile_s,
-            "eval_seconds": time.perf_counter() - start,
-        }
-        rows.append(row)
-        print(
-            f"rank {kv.rank if kv.budget_frac is None else 'budget ' + str(kv.budget_frac)} {kv.method} "
-            f"train {kv.train_steps} bits {kv.quant_bits} sinks {row['sink_tokens']}: ppl {ppl:.3f} "
-            f"({row['ppl_ratio']:.3f}x), "
-            f"KV reduction {row['reduction_at_context']:.1%} at {bench.args.context}",
-            flush=True,
-        )
-        del model, ctx
-    return {"ppl": base_ppl}, rows
-
-
-def best(rows: list[dict], reduction: float) -> dict | None:
-    fitting = [r for r in rows if r["reduction_at_context"] >= reduction]
-    return min(fitting, key=lambda r: r["ppl"]) if fitting else None
-
-
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return sum(cache.nbytes().values())
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+def kv_fraction(model, context: int) -> float:
+    if not getattr(model.config, "mqc_kv", None):
+        return 1.0
+    acc = kv_accounting(model, context)
+    return acc["cache_bytes_after"] / acc["cache_bytes_before"]
 
 
 @torch.no_grad()
-def decode_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int) -> dict[str, dict]:
-    """Prefill each model, then decode greedily one step per model in turn."""
+def paired_decode(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int) -> dict[str, dict]:
+    """Prefill each model, then one greedy step per model in turn; ratios against "fp16"."""
     state, result = {}, {}
     for name, model in models.items():
         start = time.perf_counter()
         out = model(prompt[None])
         result[name] = {"prefill_seconds": time.perf_counter() - start, "step_seconds": []}
         state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        del out
     for _ in range(steps):
         for name, model in models.items():
             cache, token = state[name]
@@ -188,31 +85,107 @@ def decode_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps
             out = model(token, past_key_values=cache)
             result[name]["step_seconds"].append(time.perf_counter() - start)
             state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-    for name, (cache, _) in state.items():
-        median = statistics.median(result[name]["step_seconds"])
-        result[name].update(tokens_per_second=1.0 / median, median_step_seconds=median, cache_bytes=cache_bytes(cache))
+    base = result["fp16"]["step_seconds"]
+    for name, r in result.items():
+        r["tokens_per_second"] = 1.0 / statistics.median(r["step_seconds"])
+        r["decode_vs_fp16_cache"] = statistics.median(b / s for b, s in zip(base, r["step_seconds"]))
     return result
 
 
-def run_speed(bench: Bench, rows: list[dict]) -> dict:
-    chosen = {f">={int(100 * r)}%": best(rows, r) for r in (0.5, 0.8)}
-    models = {"default": bench.base}
-    labels = {}
-    for label, row in chosen.items():
-        if row is None:
-            continue
-        recipe_fields = ("rank", "method", "window", "quant_bits", "train_steps", "budget_frac")
-        fields = {k: row[k] for k in recipe_fields if row[k] is not None or k != "rank"}
-        models[label] = bench.compress(KVWithSinks(**fields, sink_tokens=row["sink_tokens"]))[0]
-        labels[label] = fields
-    speed = {"configs": labels, "contexts": {}}
-    for context in bench.args.speed_contexts:
-        prompt = bench.ids[:context]
-        result = decode_speed(models, prompt, bench.args.decode_steps)
-        speed["contexts"][str(context)] = result
-        summary = ", ".join(f"{n} {r['tokens_per_second']:.1f} tok/s" for n, r in result.items())
-        print(f"decode at {context} tokens of context: {summary}", flush=True)
-    return speed
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per context")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--speed-contexts", type=int, nargs="+", default=[1024])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.2, 0.15, 0.10])
+    parser.add_argument("--lowrank-budgets", type=float, nargs="+", default=[0.25, 0.15, 0.10])
+    parser.add_argument("--pm-group", type=int, default=64, help="PM-KVQ: tokens per key grid, channels per value grid")
+    parser.add_argument("--cost-samples", type=int, default=1)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "kv.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    lowrank = LowRankBench(
+        argparse.Namespace(calib_samples=16, calib_len=512, context=args.contexts[0], tokens=args.tokens)
+    )
+    base, ids, layers = lowrank.base, lowrank.ids, lowrank.base.config.num_hidden_layers
+    models: dict[str, torch.nn.Module] = {"fp16": base}
+    for bits in (4, 2):
+        models[f"kivi{bits}"] = copy.deepcopy(base)
+        install(models[f"kivi{bits}"], kivi(layers, bits))
+    for frac in args.lowrank_budgets:
+        try:
+            models[f"lowrank-{round(frac * 100)}%"] = lowrank.compress(mqc.KVRecipe(**LOWRANK_BEST, budget_frac=frac))[
+                0
+            ]
+        except InfeasibleBudgetError as exc:
+            print(f"lowrank-{round(frac * 100)}%: {exc}", flush=True)
+    pm = mqc.KVQuantRecipe(budget_frac=1.0, context=4096, group=args.pm_group, value_group=args.pm_group,
+                           cost_samples=args.cost_samples)  # fmt: skip
+    measured = copy.deepcopy(base)
+    cost_start = time.perf_counter()
+    costs = measure_costs(measured, lowrank.shared[keys.CALIB][: args.cost_samples], pm)
+    cost_seconds = time.perf_counter() - cost_start
+    del measured
+    print(f"setup {time.perf_counter() - start:.0f} s (PM-KVQ costs {cost_seconds:.0f} s)", flush=True)
+
+    rows, plans = [], {}
+    for context in args.contexts:
+        variants = dict(models)
+        for frac in args.budgets:
+            name = f"pmkvq-{round(frac * 100)}%"
+            recipe = dataclasses.replace(pm, budget_frac=frac, context=context)
+            try:
+                settings = allocate(costs, recipe, base.config)
+            except InfeasibleBudgetError as exc:
+                narrow = base_settings(recipe, layers, (2,) * layers, (2,) * layers)
+                minimum = quant_cache_bytes(narrow, base.config, context)["kv_fraction"]
+                rows.append({"name": name, "context": context, "kv_fraction": None, "ppl": None, "ppl_ratio": None,
+                             "infeasible": str(exc), "min_kv_fraction": minimum})  # fmt: skip
+                print(f"{context} {name}: infeasible (minimum {minimum:.3f})", flush=True)
+                continue
+            variants[name] = copy.deepcopy(base)
+            install(variants[name], settings)
+            plans[f"{name}@{context}"] = {"k_bits": settings.k_bits, "v_bits": settings.v_bits}
+        base_ppl = None
+        for name, model in variants.items():
+            t = time.perf_counter()
+            ppl = perplexity(model, ids, context=context, max_tokens=args.tokens, progress=False)
+            base_ppl = base_ppl or ppl
+            row = {"name": name, "context": context, "kv_fraction": kv_fraction(model, context), "ppl": ppl,
+                   "ppl_ratio": ppl / base_ppl, "eval_seconds": time.perf_counter() - t}  # fmt: skip
+            rows.append(row)
+            print(f"{context} {name}: kv {row['kv_fraction']:.3f} ppl {ppl:.3f} ({row['ppl_ratio']:.3f}x)", flush=True)
+        speed = paired_decode(variants, ids[:context], args.decode_steps)
+        for row in rows:
+            if row["context"] == context and row["name"] in speed:
+                row["decode_vs_fp16_cache"] = speed[row["name"]]["decode_vs_fp16_cache"]
+                row["tokens_per_second"] = speed[row["name"]]["tokens_per_second"]
+        print(", ".join(f"{n} {r['decode_vs_fp16_cache']:.2f}x" for n, r in speed.items()), flush=True)
+        for name in [n for n in variants if n.startswith("pmkvq")]:
+            del variants[name]
+    speed_rows = []
+    for context in args.speed_contexts:
+        speed = paired_decode(models, ids[:context], args.decode_steps)
+        for name, r in speed.items():
+            speed_rows.append({"name": name, "context": context, "kv_fraction": kv_fraction(models[name], context),
+                               "decode_vs_fp16_cache": r["decode_vs_fp16_cache"],
+                               "tokens_per_second": r["tokens_per_second"]})  # fmt: skip
+        print(f"decode at {context}: " + ", ".join(f"{n} {r['decode_vs_fp16_cache']:.2f}x" for n, r in speed.items()))
+    report = {
+        "settings": vars(args) | {"out": str(args.out), "seconds": time.perf_counter() - start},
+        "machine": machine(),
+        "rows": rows,
+        "speed": speed_rows,
+        "pmkvq_plans": plans,
+        "pmkvq_costs": {"key": costs.key, "value": costs.value, "seconds": cost_seconds},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -221,72 +194,40 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5))
-    top = 1.3  # ratios above are drawn on the top edge as triangles, with their value
-    for row in report["sweep"]:
-        budget = row["budget_frac"] is not None
-        color = "tab:green" if budget else {"svd": "tab:red", "asvd": "tab:blue"}[row["method"]]
-        color = "tab:grey" if row["sink_tokens"] == 0 else color
-        marker = "s" if row["train_steps"] else "o"
-        face = color if row["quant_bits"] else "none"
-        x, y = row["kv_fraction_at_context"], row["ppl_ratio"]
-        if y > top:
-            ax.annotate(f"{y:.2f}", (x, top), textcoords="offset points", xytext=(5, -12), fontsize=7, color=color)
-            marker, y = "^", top
-        ax.scatter(x, y, marker=marker, edgecolors=color, facecolors=face, s=50)
-    ax.axhline(1.05, color="grey", ls="--", lw=0.8)
-    ax.axvline(0.5, color="grey", ls=":", lw=0.8)
-    ax.axvline(0.2, color="grey", ls=":", lw=0.8)
-    ax.set_ylim(0.98, top + 0.02)
-    ax.set_xlabel(f"KV-cache bytes at {report['settings']['context']} tokens / fp16 cache")
-    ax.set_ylabel("perplexity / base (dashed: +5%)")
-    ax.set_title(
-        "red svd, blue asvd, green budget, grey no sinks; o untrained, s trained; filled: quantized", fontsize=9
-    )
-    contexts = list(report["speed"]["contexts"])
-    names = list(report["speed"]["contexts"][contexts[0]])
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [report["speed"]["contexts"][c][name]["tokens_per_second"] for c in contexts]
-        bx.bar([j + i * width for j in range(len(contexts))], values, width, label=name)
-    bx.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(contexts))], [f"{c} ctx" for c in contexts])
-    bx.set_ylabel("decode tokens/s (median step)")
-    bx.set_title("default cache vs compressed cache")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    contexts = sorted({r["context"] for r in report["rows"]})
+    for context, marker in zip(contexts, "os^"):
+        done = [r for r in report["rows"] if r["context"] == context and r["ppl"] is not None]
+        ax.scatter([r["kv_fraction"] for r in done], [r["ppl_ratio"] for r in done], marker=marker, label=f"{context}")
+        for r in done:
+            ax.annotate(
+                r["name"], (r["kv_fraction"], r["ppl_ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.axhline(1.03, color="grey", ls="--", lw=0.8)
+    ax.axhline(1.10, color="grey", ls=":", lw=0.8)
+    ax.axvline(0.20, color="grey", ls="--", lw=0.8)
+    ax.axvline(0.125, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache bytes / fp16 cache (whole cache at the context)")
+    ax.set_ylabel("perplexity / fp16 cache")
+    ax.set_title("targets: <=20% at <=1.03x (dashed), <=12.5% at <=1.10x (dotted)", fontsize=9)
+    ax.legend(title="context")
+    speed = [r for r in report["rows"] if "decode_vs_fp16_cache" in r] + report["speed"]
+    names = sorted({r["name"] for r in speed})
+    ctxs = sorted({r["context"] for r in speed})
+    width = 0.8 / len(ctxs)
+    for i, c in enumerate(ctxs):
+        values = [
+            next((r["decode_vs_fp16_cache"] for r in speed if r["name"] == n and r["context"] == c), 0) for n in names
+        ]
+        bx.bar([j + i * width for j in range(len(names))], values, width, label=f"{c} ctx")
+    bx.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    bx.axhline(1.0, color="grey", ls="--", lw=0.8)
+    bx.set_ylabel("decode speed / fp16 cache (paired)")
     bx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--train-steps", type=int, default=10)
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--speed-contexts", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "kv_lowrank.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    bench = Bench(args)
-    base, rows = run_sweep(bench)
-    speed = run_speed(bench, rows)
-    report = {
-        "settings": vars(args) | {"out": str(args.out), "setup_seconds": bench.setup_seconds},
-        "machine": machine(),
-        "base": base,
-        "sweep": rows,
-        "best": {label: best(rows, r) for label, r in ((">=50%", 0.5), (">=80%", 0.8))},
-        "speed": speed,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

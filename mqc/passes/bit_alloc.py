@@ -94,8 +94,11 @@ def solve_mckp(costs: list[list[float]], sizes: list[list[int]], budget: int) ->
 
 
 def unit_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -> int:
-    """The bytes the planned units may use: a whole-model ``size`` less what no unit replaces;
-    else average bits over the units, absolute unit bytes, or a fraction of their fp16 size."""
+    """The bytes the planned units may use: a whole-model ``size`` (or a joint ``memory``, which the
+    KV cache then shares) less what no unit replaces; else average bits over the units, absolute
+    unit bytes, or a fraction of their fp16 size."""
+    if recipe.memory is not None:
+        return parse_size(recipe.memory).to_bytes(size.n_params) - size.fixed_bytes
     if recipe.size is not None:
         return parse_size(recipe.size).to_bytes(size.n_params) - size.fixed_bytes
     if recipe.budget_bytes is not None:
@@ -111,10 +114,16 @@ def smallest_plan_bytes(recipe: Recipe, units: dict[str, WeightUnit]) -> int:
     return sum(min(plan_for(u, c, recipe).nbytes for c in allowed_choices(u, recipe)) for u in units.values())
 
 
-def check_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize) -> int:
-    """The units' budget in bytes, or an error naming the smallest feasible size."""
+def check_budget(recipe: Recipe, units: dict[str, WeightUnit], size: ModelSize, reserved: int = 0) -> int:
+    """The units' budget in bytes, or an error naming the smallest feasible size; ``reserved``:
+    bytes the budget must also hold (the narrowest KV cache of a joint memory budget)."""
     budget = unit_budget(recipe, units, size)
     smallest = smallest_plan_bytes(recipe, units)
+    if reserved and smallest + reserved > budget:
+        raise InfeasibleBudgetError(
+            f"memory {recipe.memory} cannot hold the smallest weights ({size.total_bytes(smallest):,} bytes) and the "
+            f"narrowest KV cache ({reserved:,} bytes); raise the memory or lower the context"
+        )
     if smallest > budget:
         n_weights = sum(u.n_weights for u in units.values())
         whole = size.total_bytes(smallest)
@@ -134,9 +143,14 @@ class AllocateBits(Pass):
     requires = (keys.UNITS, keys.COSTS, keys.MODEL_SIZE)
     produces = (keys.BIT_PLAN, keys.ALLOCATION)
 
-    def __init__(self, final: bool = True):
-        if not final:
-            self.produces = (keys.START_PLAN, keys.ALLOCATION)
+    def __init__(self, final: bool = True, joint: bool = False):
+        """``joint``: a memory budget (``recipe.memory``) shared with the KV cache, whose per-layer
+        widths join the same knapsack on their measured costs (``KV_COSTS``)."""
+        self.joint = joint
+        self.produces = (keys.BIT_PLAN if final else keys.START_PLAN, keys.ALLOCATION)
+        if joint:
+            self.requires = (*type(self).requires, keys.KV_COSTS)
+            self.produces = (*self.produces, keys.KV_CHOICE, keys.JOINT_SPLIT)
 
     def run(self, ctx: CompileContext) -> PassResult:
         recipe, units, table = ctx.recipe, ctx[keys.UNITS], ctx[keys.COSTS]
@@ -146,14 +160,60 @@ class AllocateBits(Pass):
         sizes = [[sum(plan_for(units[n], c, recipe).nbytes for n in g) for c in opts] for g, opts in zip(groups, options)]
         budget = check_budget(recipe, units, ctx[keys.MODEL_SIZE])
         n_weights = sum(u.n_weights for u in units.values())
-        chosen, objective = solve_mckp(costs, sizes, budget)
+        if self.joint:
+            chosen, objective, budget = self._joint(ctx, costs, sizes, budget)
+        else:
+            chosen, objective = solve_mckp(costs, sizes, budget)
         plan = {n: plan_for(units[n], opts[c], recipe) for g, opts, c in zip(groups, options, chosen) for n in g}
         plan = {n: plan[n] for n in units}
         used = sum(e.nbytes for e in plan.values())
         report = AllocationReport(budget, used, n_weights, objective, sum(min(s) for s in sizes), "optimal")
         ctx.results[self.produces[0]] = plan
-        ctx.results[keys.ALLOCATION] = report
+        ctx.results[keys.ALLOCATION] = report  # a joint budget_bytes is the weights' share: the search keeps it
         return PassResult(
             False,
             f"{report.used_bits:.3f} of {report.budget_bits:.3f} bits used, objective {objective:.4g}",
         )
+
+
+    def _joint(self, ctx: CompileContext, costs, sizes, budget: int) -> tuple[list[int], float, int]:
+        """One knapsack over the weight groups and the KV layers; returns (weight choices,
+        weight objective, the weights' share of the budget). Records the KV widths, the split and
+        what each fixed KV width would have left the weights (predicted costs, same solver)."""
+        from mqc.passes.kv_quant import kv_options
+
+        kv, layers = ctx.recipe.kv_quant, len(ctx[keys.KV_COSTS].key)
+        options = kv_options(ctx[keys.KV_COSTS], kv, ctx.model.config)
+        room = budget - options.exact_bytes  # units + the KV cache's compressed stages
+        if sum(min(s) for s in sizes) + options.floor() - options.exact_bytes > room:
+            raise InfeasibleBudgetError(
+                f"memory {ctx.recipe.memory} cannot hold the smallest weights and the narrowest KV cache of "
+                f"{kv.batch} x {kv.context} tokens ({options.floor():,} bytes); raise the memory or lower the context"
+            )
+        chosen, _ = solve_mckp(costs + options.costs, sizes + options.sizes, room)
+        weights, kv_choice = chosen[: len(costs)], chosen[len(costs) :]
+        kv_bytes = options.exact_bytes + sum(s[c] for s, c in zip(options.sizes, kv_choice))
+        kv_cost = sum(c[i] for c, i in zip(options.costs, kv_choice))
+        objective = sum(c[i] for c, i in zip(costs, weights))
+        alternatives = []
+        for width in (2, 4, 8, 16):  # the same memory, weights-only allocation + one fixed KV width
+            index = options.pairs.index((width, width))
+            fixed = options.exact_bytes + sum(s[index] for s in options.sizes)
+            row = {"kv_bits": width, "kv_bytes": fixed, "weights_budget": budget - fixed}
+            try:
+                _, w_cost = solve_mckp(costs, sizes, budget - fixed)
+                row["predicted_cost"] = w_cost + sum(c[index] for c in options.costs)
+            except InfeasibleBudgetError:
+                row["predicted_cost"] = None
+            alternatives.append(row)
+        ctx.results[keys.KV_CHOICE] = options.settings(kv, layers, kv_choice)
+        ctx.results[keys.JOINT_SPLIT] = {
+            "memory_bytes": budget + ctx[keys.MODEL_SIZE].fixed_bytes,
+            "weights_bytes": ctx[keys.MODEL_SIZE].fixed_bytes + budget - kv_bytes,
+            "kv_bytes": kv_bytes,
+            "context": kv.context,
+            "batch": kv.batch,
+            "predicted_cost": objective + kv_cost,
+            "fixed_kv": alternatives,
+        }
+        return weights, objective, budget - kv_bytes

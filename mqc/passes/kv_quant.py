@@ -1,6 +1,6 @@
 """Quantized KV cache: KIVI at one width, or PM-KVQ's per-layer widths chosen under a KV budget.
 
-PM-KVQ's allocation, as built here: for every layer and every key/value width in 2/4/8 bits, the
+PM-KVQ's allocation, as built here: for every layer and every key/value width in 2/4 bits (8: extrapolated), the
 *measured* increase of the whole model's KL divergence to the exact-cache model when only that
 layer's keys (or values) are stored at that width (16 bits: 0), on calibration sequences run
 through the compressed cache itself (so the window, the sinks and the grids are all in the
@@ -22,13 +22,15 @@ stage holds at ``context`` (bytes exactly, cost weighted by the same token share
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from mqc import quant
-from mqc.errors import InfeasibleBudgetError, PassContractError, RecipeError
+from mqc.errors import InfeasibleBudgetError, RecipeError
 from mqc.kl import mean_kl, reference_logprobs
 from mqc.passes import keys
 from mqc.passes.base import CompileContext, Pass, PassResult
@@ -84,11 +86,15 @@ def interpolated_positions(length: int, context: int) -> torch.Tensor:
 
 @torch.no_grad()
 def measure_costs(model: torch.nn.Module, calib: torch.Tensor, kv: KVQuantRecipe, progress: bool = True) -> KVCosts:
-    """Measured KL increase of each (layer, keys or values, width) alone; see the module docstring."""
+    """Measured KL increase of each (layer, keys or values, width) alone; see the module docstring.
+
+    2 and 4 bits are measured; 8 bits is extrapolated from 4 (KL is linear in a small error's
+    energy, HIGGS' linearity), which leaves 4 forwards per layer instead of 6: at 8 bits the
+    measured increase sat at the noise floor anyway."""
     layers = kv_shape(model.config)[0]
     positions = interpolated_positions(calib.shape[1], kv.context) if kv.interpolate else torch.arange(calib.shape[1])
     reference = reference_logprobs(model, calib, positions)  # exact attention: no compressed cache yet
-    widths = [b for b in KV_BITS if b != quant.FP16_BITS]
+    widths = (2, 4)  # 8 bits: extrapolated below
     costs = {"key": [dict.fromkeys(KV_BITS, 0.0) for _ in range(layers)]}
     costs["value"] = [dict.fromkeys(KV_BITS, 0.0) for _ in range(layers)]
     trials = [(layer, kind, bits) for layer in range(layers) for kind in ("key", "value") for bits in widths]
@@ -97,80 +103,116 @@ def measure_costs(model: torch.nn.Module, calib: torch.Tensor, kv: KVQuantRecipe
         one[layer] = bits
         install(model, base_settings(kv, layers, *((one, None) if kind == "key" else (None, one))))
         costs[kind][layer][bits] = max(0.0, mean_kl(model, calib, reference, positions))
+        if bits == 4:  # 8 bits: a 16x finer step, 256x less squared error; KL ~ linear in it there
+            costs[kind][layer][8] = costs[kind][layer][4] / 256
     for table in (*costs["key"], *costs["value"]):  # a wider width never costs more (measurement noise)
-        for narrow, wide in zip(KV_BITS, KV_BITS[1:]):
+        for narrow, wide in itertools.pairwise(KV_BITS):
             table[wide] = min(table[wide], table[narrow])
     return KVCosts(tuple(costs["key"]), tuple(costs["value"]))
 
 
-def stage_tokens(settings: QuantKVSettings, config, context: int) -> list[int]:
-    """Tokens each compressed stage holds in a cache of ``context`` tokens."""
-    return quant_cache_bytes(settings, config, context)["stage_tokens"]
+@dataclass(frozen=True)
+class KVOptions:
+    """The KV half of a knapsack: per layer, one option per (key bits, value bits) pair."""
+
+    pairs: tuple[tuple[int, int], ...]
+    sizes: list[list[int]]  # bytes of the layer's compressed stages at the context, x batch
+    costs: list[list[float]]  # measured KL increase, weighted by the tokens each stage holds
+    exact_bytes: int  # sinks and window at fp16, x batch: the same for every choice
+
+    def settings(self, kv: KVQuantRecipe, layers: int, choices: list[int]) -> QuantKVSettings:
+        chosen = [self.pairs[c] for c in choices]
+        return base_settings(kv, layers, tuple(k for k, _ in chosen), tuple(v for _, v in chosen))
+
+    def floor(self) -> int:
+        """Bytes of the narrowest cache."""
+        return self.exact_bytes + sum(min(s) for s in self.sizes)
+
+
+def kv_options(costs: KVCosts | None, kv: KVQuantRecipe, config) -> KVOptions:
+    """Sizes (exact, from the accounting's token counts) and costs of every layer's choices for a
+    cache of ``kv.batch`` x ``kv.context`` tokens; ``costs`` None prices sizes only."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    template = base_settings(kv, layers)
+    sized = quant_cache_bytes(template, config, kv.context)
+    tokens = sized["stage_tokens"]
+    shape = (kv.group, kv.value_group, kv_heads, head_dim)
+    stages = [lambda p: p] + ([lambda p: (LOWER[p[0]], LOWER[p[1]])] if kv.lower_after is not None else [])
+    share = [n / max(1, sum(tokens)) for n in tokens]
+    sizes, cost = [], []
+    for layer in range(layers):
+        sizes.append(
+            [kv.batch * sum(round(n * token_bytes(*f(p), *shape)) for f, n in zip(stages, tokens)) for p in PAIRS]
+        )
+        cost.append(
+            [0.0 if costs is None else sum(s * costs.of(layer, f(p)) for f, s in zip(stages, share)) for p in PAIRS]
+        )
+    return KVOptions(PAIRS, sizes, cost, kv.batch * sized["exact_bytes"])
 
 
 def allocate(costs: KVCosts, kv: KVQuantRecipe, config) -> QuantKVSettings:
     """Per-layer (key, value) widths minimising the summed measured cost with the cache of
     ``kv.context`` tokens within ``kv.budget_frac`` of the fp16 cache (exact knapsack)."""
-    layers, kv_heads, head_dim = kv_shape(config)
-    template = base_settings(kv, layers)
-    tokens = stage_tokens(template, config, kv.context)
-    exact = quant_cache_bytes(template, config, kv.context)["exact_bytes"]
-    fp16 = fp16_cache_bytes(config, kv.context)
-    budget = int(kv.budget_frac * fp16) - exact
-    shape = (kv.group, kv.value_group, kv_heads, head_dim)
-    sizes, cost = [], []
-    for layer in range(layers):
-        stages = [lambda p: p] + ([lambda p: (LOWER[p[0]], LOWER[p[1]])] if kv.lower_after is not None else [])
-        sizes.append([sum(round(n * token_bytes(*f(p), *shape)) for f, n in zip(stages, tokens)) for p in PAIRS])
-        share = [n / max(1, sum(tokens)) for n in tokens]
-        cost.append([sum(s * costs.of(layer, f(p)) for f, s in zip(stages, share)) for p in PAIRS])
-    smallest = exact + sum(min(s) for s in sizes)
-    if smallest > kv.budget_frac * fp16:
+    options = kv_options(costs, kv, config)
+    fp16 = kv.batch * fp16_cache_bytes(config, kv.context)
+    if options.floor() > kv.budget_frac * fp16:
         raise InfeasibleBudgetError(
             f"KV budget {kv.budget_frac:.3f} of the fp16 cache at {kv.context} tokens is infeasible: the narrowest "
-            f"widths need {smallest / fp16:.3f} (window and sinks included); raise the budget or the group sizes"
+            f"widths need {options.floor() / fp16:.3f} (window and sinks included); raise the budget or the group sizes"
         )
-    choices, _ = solve_mckp(cost, sizes, budget)
-    chosen = [PAIRS[c] for c in choices]
-    return base_settings(kv, layers, tuple(k for k, _ in chosen), tuple(v for _, v in chosen))
+    choices, _ = solve_mckp(options.costs, options.sizes, int(kv.budget_frac * fp16) - options.exact_bytes)
+    return options.settings(kv, kv_shape(config)[0], choices)
+
+
+class KVCostsPass(Pass):
+    """Measure PM-KVQ's per-layer KV costs (on a copy: the model itself is left as it was)."""
+
+    name = "kv_costs"
+    requires = (keys.CALIB,)
+    produces = (keys.KV_COSTS,)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        kv = ctx.recipe.kv_quant
+        if kv is None:
+            raise RecipeError("the kv_costs pass needs recipe.kv_quant")
+        check_supported(ctx.model)
+        work = copy.deepcopy(ctx.model)
+        ctx.results[keys.KV_COSTS] = measure_costs(work, ctx[keys.CALIB][: kv.cost_samples], kv, ctx.progress)
+        return PassResult(False, f"{len(ctx[keys.KV_COSTS].key)} layers x keys/values x 2/4 bits measured")
 
 
 class KVQuant(Pass):
-    """Give the model a quantized KV cache (KIVI widths, or PM-KVQ widths under a budget).
+    """Give the model a quantized KV cache: KIVI widths, PM-KVQ widths under a KV budget (from the
+    measured costs), or the widths a joint memory budget chose with the weights'.
 
-    Runs after weight quantization (it requires ``QUANTIZED``): its costs are measured on the
-    model as it will run, and the model's other forward passes during compilation never see the
-    compressed cache.
+    Runs after weight quantization (it requires ``QUANTIZED``), so that the model's other forward
+    passes during compilation never see the compressed cache.
     """
 
     name = "kv_quant"
     requires = (keys.QUANTIZED,)
     produces = (keys.KV_QUANT_PLAN, keys.KV_REWRITTEN)
 
-    def __init__(self, kv: KVQuantRecipe | None = None, costs: KVCosts | None = None):
-        """``kv``: None reads ``ctx.recipe.kv_quant`` at run time. ``costs``: measured costs to
-        reuse (they depend on the model, the calibration and the grids, not on the budget)."""
-        self.kv, self.costs = kv, costs
-        if kv is not None and kv.budget_frac is not None and costs is None:
-            self.requires = (*type(self).requires, keys.CALIB)
+    def __init__(self, kv: KVQuantRecipe, joint: bool = False):
+        """``joint``: the widths come from the allocation of a memory budget (``KV_CHOICE``)."""
+        self.kv, self.joint = kv, joint
+        if joint:
+            self.requires = (*type(self).requires, keys.KV_CHOICE)
+        elif kv.budget_frac is not None:
+            self.requires = (*type(self).requires, keys.KV_COSTS)
 
     def run(self, ctx: CompileContext) -> PassResult:
-        kv = self.kv or ctx.recipe.kv_quant
-        if kv is None:
-            raise RecipeError("the kv_quant pass needs recipe.kv_quant (e.g. --kv-bits 4 or --kv-mixed 0.15)")
-        model = ctx.model
+        kv, model = self.kv, ctx.model
         check_supported(model)
         layers = kv_shape(model.config)[0]
-        costs = None
-        if kv.bits is not None:
+        if self.joint:
+            settings = ctx[keys.KV_CHOICE]
+        elif kv.bits is not None:
             settings = base_settings(kv, layers, (kv.bits,) * layers, (kv.bits,) * layers)
         else:
-            if self.costs is None and keys.CALIB not in ctx:
-                raise PassContractError(f"pass {self.name} needs {keys.CALIB!r} to measure PM-KVQ's costs")
-            costs = self.costs or measure_costs(model, ctx[keys.CALIB][: kv.cost_samples], kv, ctx.progress)
-            settings = allocate(costs, kv, model.config)
+            settings = allocate(ctx[keys.KV_COSTS], kv, model.config)
         install(model, settings)
         sized = quant_cache_bytes(settings, model.config, kv.context)
-        ctx.results[keys.KV_QUANT_PLAN] = {"settings": settings, "costs": costs, "at_context": sized}
+        ctx.results[keys.KV_QUANT_PLAN] = {"settings": settings, "at_context": sized}
         ctx.results[keys.KV_REWRITTEN] = True
         return PassResult(True, f"KV cache at {kv.context} tokens: {sized['kv_fraction']:.1%} of fp16")
