@@ -598,28 +598,43 @@ def quantize_minmax(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
     return pack(codes.reshape(x.shape).to(torch.int32), bits), scale16, lo16
 
 
-def codes_planar(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The codes of a 2/4/8-bit :func:`pack` stream as ``dtype``, plane by plane: ``[..., n]`` holds
-    first code 0 of every byte, then code 1 of every byte, ... (stream position ``j * 8/bits + i``
-    is at ``i * bytes + j``).
+def code_planes(
+    packed: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The codes of a 2/4/8-bit :func:`pack` stream as ``[8/bits, *packed.shape]`` of ``dtype``:
+    plane ``i`` holds the ``i``-th code of every byte (stream position ``j * 8/bits + i`` is
+    ``planes[i, ..., j]``).
 
-    This is the cache's per-step path: one widening of the split bytes and one product with the
-    other operand, whose order is permuted instead (interleaving the codes cost more than the
-    shifts and the conversion together on the CPU, measured).
+    This is the cache's per-step path: each plane is one contiguous widening, and the consumer
+    multiplies every plane with the other operand at once, putting the small product back in
+    stream order instead of the codes (interleaving the codes cost more than the shifts and the
+    conversion together on the CPU, measured). ``out`` (``dtype``) and ``scratch`` (uint8), both
+    of the result's shape, are written instead of allocating: a fresh multi-MB tensor per step
+    costs page faults.
     """
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    if out is None:
+        out = torch.empty(per_byte, *packed.shape, dtype=dtype, device=packed.device)
+        scratch = torch.empty(per_byte, *packed.shape, dtype=torch.uint8, device=packed.device)
     if bits == 8:
-        return packed.to(dtype)
-    mask = (1 << bits) - 1
-    last = 8 // bits - 1
-    planes = [(packed >> (i * bits)) & mask if i < last else packed >> (i * bits) for i in range(last + 1)]
-    return torch.cat(planes, -1).to(dtype)
+        return out.copy_(packed[None])
+    for i in range(per_byte):
+        if i == per_byte - 1:
+            torch.bitwise_right_shift(packed, i * bits, out=scratch[i])
+        elif i == 0:
+            torch.bitwise_and(packed, mask, out=scratch[i])
+        else:
+            torch.bitwise_and(torch.bitwise_right_shift(packed, i * bits), mask, out=scratch[i])
+    return out.copy_(scratch)
 
 
 def codes_float(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All codes of a 2/4/8-bit :func:`pack` stream as ``dtype``, in stream order."""
-    planar = codes_planar(packed, bits, dtype)
-    per_byte = 8 // bits
-    return planar.unflatten(-1, (per_byte, -1)).transpose(-1, -2).flatten(-2)
+    return code_planes(packed, bits, dtype).movedim(0, -1).flatten(-2)
 
 
 def dequantize_minmax(

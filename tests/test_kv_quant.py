@@ -61,14 +61,16 @@ def test_minmax_grid_matches_formula(bits, groups, rows, seed):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_planar_codes_are_the_stream_by_plane(bits):
+def test_code_planes_are_the_stream_by_plane(bits):
     packed = torch.randint(0, 256, (3, 6), dtype=torch.uint8)
     codes = quant.unpack(packed, bits, 6 * 8 // bits).float()
-    planes = 8 // bits
-    planar = quant.codes_planar(packed, bits)
-    for i in range(planes):  # plane i holds the i-th code of every byte
-        assert torch.equal(planar[:, i * 6 : (i + 1) * 6], codes[:, i::planes])
+    planes = quant.code_planes(packed, bits)
+    assert planes.shape == (8 // bits, 3, 6)
+    for i in range(8 // bits):  # plane i holds the i-th code of every byte
+        assert torch.equal(planes[i], codes[:, i :: 8 // bits])
     assert torch.equal(quant.codes_float(packed, bits), codes)
+    out, scratch = torch.full_like(planes, -1.0), torch.empty(planes.shape, dtype=torch.uint8)
+    assert torch.equal(quant.code_planes(packed, bits, out=out, scratch=scratch), planes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,8 +97,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per context")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--speed-contexts", type=int, nargs="+", default=[1024])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.2, 0.15, 0.10])
-    parser.add_argument("--lowrank-budgets", type=float, nargs="+", default=[0.25, 0.15, 0.10])
+    parser.add_argument("--kivi", type=int, nargs="*", default=[4, 2], help="KIVI widths")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.2, 0.15, 0.10], help="PM-KVQ")
+    parser.add_argument("--lowrank-budgets", type=float, nargs="*", default=[0.25, 0.15, 0.10])
+    parser.add_argument("--append", action="store_true", help="add the rows to --out (same name and context: replaced)")
     parser.add_argument("--pm-group", type=int, default=64, help="PM-KVQ: tokens per key grid, channels per value grid")
     parser.add_argument("--cost-samples", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -112,7 +114,7 @@ def main() -> None:
     )
     base, ids, layers = lowrank.base, lowrank.ids, lowrank.base.config.num_hidden_layers
     models: dict[str, torch.nn.Module] = {"fp16": base}
-    for bits in (4, 2):
+    for bits in args.kivi:
         models[f"kivi{bits}"] = copy.deepcopy(base)
         install(models[f"kivi{bits}"], kivi(layers, bits))
     for frac in args.lowrank_budgets:
@@ -124,11 +126,10 @@ def main() -> None:
             print(f"lowrank-{round(frac * 100)}%: {exc}", flush=True)
     pm = mqc.KVQuantRecipe(budget_frac=1.0, context=4096, group=args.pm_group, value_group=args.pm_group,
                            cost_samples=args.cost_samples)  # fmt: skip
-    measured = copy.deepcopy(base)
-    cost_start = time.perf_counter()
-    costs = measure_costs(measured, lowrank.shared[keys.CALIB][: args.cost_samples], pm)
+    cost_start, costs = time.perf_counter(), None
+    if args.budgets:
+        costs = measure_costs(copy.deepcopy(base), lowrank.shared[keys.CALIB][: args.cost_samples], pm)
     cost_seconds = time.perf_counter() - cost_start
-    del measured
     print(f"setup {time.perf_counter() - start:.0f} s (PM-KVQ costs {cost_seconds:.0f} s)", flush=True)
 
     rows, plans = [], {}
@@ -180,12 +181,29 @@ def main() -> None:
         "rows": rows,
         "speed": speed_rows,
         "pmkvq_plans": plans,
-        "pmkvq_costs": {"key": costs.key, "value": costs.value, "seconds": cost_seconds},
+        "pmkvq_costs": None if costs is None else {"key": costs.key, "value": costs.value, "seconds": cost_seconds},
     }
+    if args.append:
+        report = merged(json.loads(args.out.read_text()), report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows added (a row of the same name and context replaced); each
+    run's settings and machine kept, each row naming its run."""
+    runs = old.get("runs") or [{"settings": old["settings"], "machine": old["machine"]}]
+    runs.append({"settings": new["settings"], "machine": new["machine"]})
+    out = {**old, "runs": runs}
+    for section in ("rows", "speed"):
+        fresh = [{**r, "run": len(runs) - 1} for r in new[section]]
+        keys_new = {(r["name"], r["context"]) for r in fresh}
+        kept = [{"run": 0, **r} for r in old[section] if (r["name"], r["context"]) not in keys_new]
+        out[section] = kept + fresh
+    out["pmkvq_plans"] = {**old["pmkvq_plans"], **new["pmkvq_plans"]}
+    return out
 
 
 def plot(report: dict, path: Path) -> None:

@@ -14,6 +14,8 @@ probabilities the same way. No dequantized copy of the cache is made.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -24,19 +26,33 @@ from mqc.runtime.kv.layout import Sections, boundary, leading_padding
 from mqc.runtime.kv.settings import QuantKVSettings, settings_of
 
 
-def planar_groups(width: int, planes: int, group: int, device: torch.device) -> torch.Tensor:
-    """Quantization group of each column of :func:`mqc.quant.codes_planar`'s order, ``[1,1,1,1,width]``."""
-    column = torch.arange(width, device=device)
-    channel = (column % (width // planes)) * planes + column // (width // planes)
-    return (channel // group).view(1, 1, 1, 1, width)
+class Workspace:
+    """Per-step scratch tensors shared by every layer of a cache (layers run one after another),
+    grown as needed and never freed while the cache lives."""
+
+    def __init__(self):
+        self.flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        size = math.prod(shape)
+        flat = self.flat.get((name, dtype))
+        if flat is None or flat.numel() < size or flat.device != device:
+            flat = self.flat[(name, dtype)] = torch.empty(size + size // 2, dtype=dtype, device=device)
+        return flat[:size].view(shape)
+
+    def planes(self, name: str, packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+        """:func:`mqc.quant.code_planes` of ``packed``, written into this workspace."""
+        shape = (8 // bits, *packed.shape)
+        out, scratch = self.get(name, shape, dtype, packed.device), self.get(name, shape, torch.uint8, packed.device)
+        return quant.code_planes(packed, bits, dtype, out, scratch)
 
 
 class Stage:
     """One layer's K/V of one compressed width, ``[batch, kv_heads, groups, ...]`` in buffers with
     room for ``capacity`` groups; the live groups are ``[first, first + count)``."""
 
-    def __init__(self, k_bits: int, v_bits: int, settings: QuantKVSettings):
-        self.k_bits, self.v_bits = k_bits, v_bits
+    def __init__(self, k_bits: int, v_bits: int, settings: QuantKVSettings, workspace: Workspace):
+        self.k_bits, self.v_bits, self.workspace = k_bits, v_bits, workspace
         self.group, self.value_group = settings.group, settings.value_group
         self.buffers: dict[str, torch.Tensor] = {}
         self.first = self.count = 0
@@ -120,11 +136,10 @@ class Stage:
             return q @ self._live("k").flatten(2, 3).to(q.dtype).transpose(-1, -2)
         grid = self._live("k_grid").to(q.dtype)  # [b, h, n, d, (scale, min)]
         scaled = q[:, :, None] * grid[..., 0][:, :, :, None, :]  # [b, h, n, r, d]
-        codes = quant.codes_planar(self._live("k"), self.k_bits, q.dtype)  # [b, h, n, d, g] tokens planar
-        out = scaled @ codes + (q[:, :, None] @ grid)[..., 1:]  # [b, h, n, r, g]
-        planes = 8 // self.k_bits
-        out = out.unflatten(-1, (planes, -1)).transpose(-1, -2)  # tokens back in order
-        return out.permute(0, 1, 3, 2, 4, 5).reshape(b, h, r, self.tokens)
+        planes = self.workspace.planes("k", self._live("k"), self.k_bits, q.dtype)  # [planes, b, h, n, d, g/planes]
+        out = (scaled @ planes).movedim(0, -1).flatten(-2)  # [b, h, n, r, g]: token j * planes + i
+        low = q @ grid[..., 1].transpose(-1, -2)  # [b, h, r, n]: the minimums' share, per group
+        return (out.transpose(2, 3) + low[..., None]).reshape(b, h, r, self.tokens)
 
     def weighted_sum(self, p: torch.Tensor) -> torch.Tensor:
         """``p [b, h, r, tokens]`` @ values: ``[b, h, r, d]``."""
@@ -132,19 +147,19 @@ class Stage:
             return p @ self._live("v").flatten(2, 3).to(p.dtype)
         b, h, r, _ = p.shape
         grid = self._live("v_grid").flatten(2, 3).to(p.dtype)  # [b, h, t, groups, (scale, min)]
-        codes = quant.codes_planar(self._live("v"), self.v_bits, p.dtype).flatten(2, 3)  # [b, h, t, d] planar
-        d, groups, planes = codes.shape[-1], grid.shape[-2], 8 // self.v_bits
+        planes = self.workspace.planes("v", self._live("v"), self.v_bits, p.dtype).flatten(
+            3, 4
+        )  # [planes, b, h, t, d/planes]
+        groups = grid.shape[-2]
         weights = p[:, :, :, None, :] * grid[..., 0].transpose(-1, -2)[:, :, None]  # [b, h, r, groups, t]
-        out = (weights.flatten(2, 3) @ codes).unflatten(2, (r, groups))  # [b, h, r, groups, d]
-        low = p @ grid[..., 1]  # [b, h, r, groups]
-        if groups > 1:  # each planar column keeps the product with its own group's scales
-            group_of = planar_groups(d, planes, self.value_group, p.device)
-            out = out.gather(3, group_of.expand(b, h, r, 1, d))
-            low = low[..., group_of.flatten()]
-        else:
-            low = low.expand(b, h, r, d)
-        out = out[:, :, :, 0] + low
-        return out.unflatten(-1, (planes, -1)).transpose(-1, -2).reshape(b, h, r, d)
+        out = (weights.flatten(2, 3) @ planes).movedim(0, -1).flatten(-2)  # [b, h, r * groups, d]: channel order
+        out = out.unflatten(2, (r, groups))  # [b, h, r, groups, d]
+        d = out.shape[-1]
+        if groups > 1:  # each channel keeps the product with its own group's scales
+            group_of = torch.arange(d, device=p.device) // self.value_group
+            out = out.gather(3, group_of.view(1, 1, 1, 1, d).expand(b, h, r, 1, d))
+        low = (p @ grid[..., 1]).repeat_interleave(self.value_group, -1)  # [b, h, r, d]
+        return out[:, :, :, 0] + low
 
     def nbytes(self) -> int:
         """Bytes of the live groups (what the cache holds; spare capacity not counted)."""
@@ -161,7 +176,7 @@ class QuantKVLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.attention, self.layer = cache, attention, layer
         self.settings, self.lags = settings, settings.lags
-        self.stages = [Stage(k, v, settings) for k, v in settings.stage_bits(layer)]
+        self.stages = [Stage(k, v, settings, cache.workspace) for k, v in settings.stage_bits(layer)]
         self.length = self.n_exact = 0
         self.lowered: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # groups lowered by the latest update
 
@@ -277,7 +292,9 @@ class QuantKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.head_keys = self.head_values = None
-        self.stages = [Stage(k, v, self.settings) for k, v in self.settings.stage_bits(self.layer)]
+        self.stages = [
+            Stage(k, v, self.settings, self.cache.workspace) for k, v in self.settings.stage_bits(self.layer)
+        ]
         self.length = self.n_exact = 0
         self.is_initialized = False
 
@@ -330,6 +347,7 @@ class QuantKVCache(Cache):
                 f"KV value groups of {settings.value_group} channels do not tile the head dimension {head_dim}; "
                 "use a multiple of 4 that divides it"
             )
+        self.workspace = Workspace()
         super().__init__(layers=[QuantKVLayer(self, m, i, settings) for i, m in enumerate(modules)])
         self.sinks = self.head = settings.sinks
 
