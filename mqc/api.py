@@ -53,16 +53,23 @@ REUSABLE = (
     keys.CANDIDATES,
     keys.OUTPUT_FISHER,
     keys.COSTS,
+    keys.KV_COSTS,
 )
 
 
 def _analysis_fields(recipe: Recipe) -> Recipe:
     """``recipe`` with the fields that only steer allocation, search and lowering set to defaults."""
     fixed = {"bits": 4.0, "budget_bytes": None, "budget_frac": None, "size": None, "pins": ()}
-    fixed |= {"search": "evo", "search_generations": 0}
+    fixed |= {"search": "evo", "search_generations": 0, "memory": None, "kv_quant": None}  # KV: see _kv_grids
     if recipe.sensitivity != "kl":  # RTN-delta sensitivities: both variants come out of one pass
         fixed |= {"sensitivity": "first_order", "quantizer": "rtn"}
     return dataclasses.replace(recipe, **fixed)
+
+
+def _kv_grids(recipe: Recipe):
+    """What measured KV costs depend on: the quantized cache's grids, window and context."""
+    kv = recipe.kv_quant
+    return None if kv is None else dataclasses.replace(kv, bits=None, budget_frac=None, batch=1)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -154,8 +161,9 @@ def compile(
     ``tokenizer``.
 
     ``reuse``: an earlier compile of a copy of the same full-precision model whose recipe differs
-    at most in budget (size, bits, bytes or fraction), pins and search settings (with LLM-MQ's
-    RTN-delta sensitivities, also in sensitivity kind and quantizer). Its analysis (units,
+    at most in budget (size, bits, bytes, fraction or joint memory), pins, search settings and
+    quantized KV cache (with LLM-MQ's RTN-delta sensitivities, also in sensitivity kind and
+    quantizer); measured KV costs are reused when the cache's grids, window and context agree. Its analysis (units,
     calibration ids, activation statistics, Hessians, candidates, output gradients, costs or
     sensitivities) is taken as it is and the passes that made it do not run, so a sweep over
     sizes pays for the analysis (most of an ``mq`` compile) once.
@@ -170,6 +178,8 @@ def compile(
                 "compile without reuse"
             )
         reused = {k: reuse.context.results[k] for k in REUSABLE if k in reuse.context.results}
+        if _kv_grids(reuse.recipe) != _kv_grids(recipe):  # KV costs hold for one cache layout and context
+            reused.pop(keys.KV_COSTS, None)
         calib = reused.get(keys.CALIB, calib)
     if calib is None and needs_calibration(recipe):
         if tokenizer is None:

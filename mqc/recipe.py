@@ -211,8 +211,8 @@ class Recipe:
         if self.target == "gguf":
             if self.method != "mq" or self.sensitivity != "kl":
                 raise RecipeError("target 'gguf' plans with --method mq and the predicted-KL costs (sensitivity 'kl')")
-            if self.outlier_frac or self.kv is not None:
-                raise RecipeError("target 'gguf' stores llama.cpp types only: no outliers (outlier_frac 0) and no low-rank KV")
+            if self.outlier_frac or self.kv is not None or self.kv_quant is not None:
+                raise RecipeError("target 'gguf' stores llama.cpp types only: no outliers (outlier_frac 0) and no mqc KV cache")
         for pin in self.pins:
             if pin.min_bits not in SUPPORTED_BITS:
                 raise RecipeError(f"pin {pin.pattern!r}: min_bits {pin.min_bits} not in {SUPPORTED_BITS}")

@@ -257,3 +257,32 @@ def test_default_model_rank_half_4bit_within_budget():
     assert kv_accounting(model, 1024)["reduction_at_context"] >= 0.8
     compressed = perplexity(model, ids, context=1024, max_tokens=2048, progress=False)
     assert base < compressed < 1.08 * base
+
+
+def tiny_qwen3() -> torch.nn.Module:
+    """Qwen3 normalises keys per head (``k_norm``) before RoPE: what rebuilt keys must repeat."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+def test_rebuilt_keys_get_k_norm_and_rope_like_the_model(family):
+    """Full rank: rebuilt K/V equal the projections up to fp16 rounding, so logits follow the
+    original only if k_norm and RoPE (at each token's own position) are applied as the model does."""
+    model = tiny_qwen3() if family == "qwen3" else mqc.tiny_model(family)
+    original = copy.deepcopy(model)
+    kv = mqc.KVRecipe(rank=1.0, method="svd", window=WINDOW)
+    result = mqc.compile(model, mqc.Recipe(bits=16, group_size=32, kv=kv), calib=CALIB, progress=False)
+    x = ids()
+    with torch.no_grad():
+        reference = original(x).logits
+        compressed = result.model(x).logits
+    stepwise, _ = stepwise_logits(result.model, x, prefill=5)
+    torch.testing.assert_close(compressed, reference, atol=3e-3, rtol=0)
+    torch.testing.assert_close(stepwise, compressed, atol=1e-5, rtol=0)

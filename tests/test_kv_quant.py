@@ -1,6 +1,7 @@
 """Quantized KV cache (KIVI grids, PM-KVQ widths): numerics, cache contents, decoding, allocation."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -328,3 +329,26 @@ def test_cli_flags_build_the_recipe():
     kv = recipe_from_args(args).kv_quant
     assert (kv.budget_frac, kv.group, kv.value_group, kv.lower_after) == (0.2, 64, 64, 512)
     assert recipe_from_args(build_parser().parse_args(["compile", "--out", "x", "--kv-bits", "4"])).kv_quant.bits == 4
+
+
+def test_exports_refuse_the_quantized_cache(tmp_path):
+    from mqc.export import export_onnx
+
+    model = mqc.tiny_model("llama")
+    install(model, QuantKVSettings.uniform(model.config.num_hidden_layers, 4, value_group=8))
+    with pytest.raises(UnsupportedModelError, match="quantized KV cache"):
+        export_onnx(model, None, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+    with pytest.raises(RecipeError, match="no mqc KV cache"):
+        mqc.Recipe(method="mq", target="gguf", kv_quant=mqc.KVQuantRecipe(bits=4))
+
+
+def test_joint_sweep_reuses_the_analysis(joint):
+    recipe = mqc.Recipe(method="mq", memory="1MB", kv_quant=JOINT_KV, search="none")
+    again = mqc.compile(mqc.tiny_model("llama"), recipe, progress=False, reuse=joint)
+    assert again.context[keys.KV_COSTS] is joint.context[keys.KV_COSTS]  # not measured twice
+    assert "kv_costs" not in again.context.timings
+    assert again.context[keys.JOINT_SPLIT]["predicted_cost"] <= joint.context[keys.JOINT_SPLIT]["predicted_cost"]
+    other = dataclasses.replace(JOINT_KV, context=1024)
+    third = mqc.compile(mqc.tiny_model("llama"), dataclasses.replace(recipe, kv_quant=other), progress=False, reuse=joint)
+    assert third.context[keys.KV_COSTS] is not joint.context[keys.KV_COSTS]  # another context: measured again

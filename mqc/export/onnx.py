@@ -43,7 +43,7 @@ import torch
 
 from mqc import __version__
 from mqc.atomic import check_replaceable, replaced_dir
-from mqc.errors import ArtifactError, DataError, MqcError
+from mqc.errors import ArtifactError, DataError, MqcError, UnsupportedModelError
 from mqc.export.decoder import DecoderGraph, DecoderSpec
 from mqc.export.graph import GraphBuilder, WeightStore
 from mqc.models import model_source
@@ -95,6 +95,11 @@ def export_onnx(
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if accuracy_level not in ACCURACY_LEVELS:
         raise MqcError(f"accuracy_level {accuracy_level} not supported; use one of {ACCURACY_LEVELS}")
+    if (getattr(module.config, "mqc_kv", None) or {}).get("kind") == "quant":
+        raise UnsupportedModelError(
+            "this model has a quantized KV cache, which the ONNX export does not carry yet; "
+            "export a compilation without --kv-bits / --kv-mixed / --memory"
+        )
     spec = DecoderSpec.of(module)
     out = Path(out_dir)
     check_replaceable(out, force, is_export, WHAT)  # before building the graphs
