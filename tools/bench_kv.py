@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_kv_lowrank import Bench as LowRankBench
+from bench_kv_lowrank import decode_speed
 
 import mqc
 from mqc.data import perplexity
@@ -68,26 +69,12 @@ def kv_fraction(model, context: int) -> float:
     return acc["cache_bytes_after"] / acc["cache_bytes_before"]
 
 
-@torch.no_grad()
 def paired_decode(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int) -> dict[str, dict]:
-    """Prefill each model, then one greedy step per model in turn; ratios against "fp16"."""
-    state, result = {}, {}
-    for name, model in models.items():
-        start = time.perf_counter()
-        out = model(prompt[None])
-        result[name] = {"prefill_seconds": time.perf_counter() - start, "step_seconds": []}
-        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-        del out
-    for _ in range(steps):
-        for name, model in models.items():
-            cache, token = state[name]
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache)
-            result[name]["step_seconds"].append(time.perf_counter() - start)
-            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    """bench_kv_lowrank's interleaved decode (one step per model in turn), with each model's
+    median per-step speed ratio to the "fp16" one."""
+    result = decode_speed(models, prompt, steps)
     base = result["fp16"]["step_seconds"]
-    for name, r in result.items():
-        r["tokens_per_second"] = 1.0 / statistics.median(r["step_seconds"])
+    for r in result.values():
         r["decode_vs_fp16_cache"] = statistics.median(b / s for b, s in zip(base, r["step_seconds"]))
     return result
 
@@ -99,7 +86,7 @@ def main() -> None:
     parser.add_argument("--speed-contexts", type=int, nargs="+", default=[1024])
     parser.add_argument("--kivi", type=int, nargs="*", default=[4, 2], help="KIVI widths")
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.2, 0.15, 0.10], help="PM-KVQ")
-    parser.add_argument("--lowrank-budgets", type=float, nargs="*", default=[0.25, 0.15, 0.10])
+    parser.add_argument("--lowrank-budgets", type=float, nargs="*", default=[0.25, 0.18, 0.15, 0.10])
     parser.add_argument("--append", action="store_true", help="add the rows to --out (same name and context: replaced)")
     parser.add_argument("--pm-group", type=int, default=64, help="PM-KVQ: tokens per key grid, channels per value grid")
     parser.add_argument("--cost-samples", type=int, default=1)
