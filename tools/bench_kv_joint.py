@@ -85,6 +85,10 @@ def main() -> None:
                 settings = base_settings(kv, layers, (width,) * layers, (width,) * layers)
                 kv_bytes = quant_cache_bytes(settings, base.config, args.context)["cache_bytes_after"]
             fixed = {"kv_bits": width, "kv_bytes": kv_bytes, "weights_bytes": total - kv_bytes, "ppl": None}
+            if kv_bytes >= total:
+                fixed["infeasible"] = "the KV cache alone exceeds the memory"
+                row["fixed"].append(fixed)
+                continue
             try:
                 compiled = compile_(mqc.Recipe(**common, size=f"{total - kv_bytes}B", kv_quant=kv), first)
                 fixed.update(ppl=ppl(compiled), weights_bytes=compiled.model_bytes)
