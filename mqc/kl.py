@@ -15,21 +15,22 @@ import torch
 
 
 @torch.no_grad()
-def _logprobs(model: torch.nn.Module, batch: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Without a cache, unless ``position_ids`` are given: then through the model's cache (a
-    compressed KV cache is what such a measurement is about), at those positions."""
+def _logprobs(
+    model: torch.nn.Module, batch: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False
+) -> torch.Tensor:
+    """``position_ids`` ``[L]``: the positions of ``batch``'s tokens (default ``0..L-1``);
+    ``use_cache``: run through the model's cache (what a compressed KV cache is measured by)."""
     device = next(model.parameters()).device
-    extra = {} if position_ids is None else {"position_ids": position_ids.to(device)[None], "use_cache": True}
-    logits = model(input_ids=batch.to(device), **({"use_cache": False} | extra)).logits
+    positions = {} if position_ids is None else {"position_ids": position_ids.to(device)[None]}
+    logits = model(input_ids=batch.to(device), use_cache=use_cache, **positions).logits
     return torch.log_softmax(logits.float(), -1).cpu()
 
 
 @torch.no_grad()
-def reference_logprobs(
-    model: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[n, L, vocab]`` float32 log-probabilities of ``model`` on ``ids [n, L]``."""
-    return torch.cat([_logprobs(model, ids[i : i + 1], position_ids) for i in range(ids.shape[0])])
+def reference_logprobs(model: torch.nn.Module, ids: torch.Tensor, **forward) -> torch.Tensor:
+    """``[n, L, vocab]`` float32 log-probabilities of ``model`` on ``ids [n, L]``; ``forward``:
+    ``position_ids`` / ``use_cache`` as :func:`_logprobs` takes them."""
+    return torch.cat([_logprobs(model, ids[i : i + 1], **forward) for i in range(ids.shape[0])])
 
 
 def token_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,7 @@ def token_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_kl(
-    model: torch.nn.Module, ids: torch.Tensor, reference: torch.Tensor, position_ids: torch.Tensor | None = None
-) -> float:
+def mean_kl(model: torch.nn.Module, ids: torch.Tensor, reference: torch.Tensor, **forward) -> float:
     """Mean per-token ``KL(reference || model)`` on ``ids [n, L]`` (reference from :func:`reference_logprobs`).
 
     One sequence at a time: a vocabulary-wide float32 row per token is the largest thing in memory
@@ -48,5 +47,5 @@ def mean_kl(
     """
     total = 0.0
     for i in range(ids.shape[0]):
-        total += float(token_kl(_logprobs(model, ids[i : i + 1], position_ids)[0], reference[i]).sum())
+        total += float(token_kl(_logprobs(model, ids[i : i + 1], **forward)[0], reference[i]).sum())
     return total / (ids.shape[0] * ids.shape[1])

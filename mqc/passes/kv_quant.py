@@ -93,7 +93,9 @@ def measure_costs(model: torch.nn.Module, calib: torch.Tensor, kv: KVQuantRecipe
     measured increase sat at the noise floor anyway."""
     layers = kv_shape(model.config)[0]
     positions = interpolated_positions(calib.shape[1], kv.context) if kv.interpolate else torch.arange(calib.shape[1])
-    reference = reference_logprobs(model, calib, positions)  # exact attention: no compressed cache yet
+    # through the cache at those positions: exact for the reference (no compressed cache installed yet)
+    forward = {"position_ids": positions, "use_cache": True}
+    reference = reference_logprobs(model, calib, **forward)
     widths = (2, 4)  # 8 bits: extrapolated below
     costs = {"key": [dict.fromkeys(KV_BITS, 0.0) for _ in range(layers)]}
     costs["value"] = [dict.fromkeys(KV_BITS, 0.0) for _ in range(layers)]
@@ -102,7 +104,7 @@ def measure_costs(model: torch.nn.Module, calib: torch.Tensor, kv: KVQuantRecipe
         one = [quant.FP16_BITS] * layers
         one[layer] = bits
         install(model, base_settings(kv, layers, *((one, None) if kind == "key" else (None, one))))
-        costs[kind][layer][bits] = max(0.0, mean_kl(model, calib, reference, positions))
+        costs[kind][layer][bits] = max(0.0, mean_kl(model, calib, reference, **forward))
         if bits == 4:  # 8 bits: a 16x finer step, 256x less squared error; KL ~ linear in it there
             costs[kind][layer][8] = costs[kind][layer][4] / 256
     for table in (*costs["key"], *costs["value"]):  # a wider width never costs more (measurement noise)
