@@ -147,9 +147,8 @@ class Stage:
             return p @ self._live("v").flatten(2, 3).to(p.dtype)
         b, h, r, _ = p.shape
         grid = self._live("v_grid").flatten(2, 3).to(p.dtype)  # [b, h, t, groups, (scale, min)]
-        planes = self.workspace.planes("v", self._live("v"), self.v_bits, p.dtype).flatten(
-            3, 4
-        )  # [planes, b, h, t, d/planes]
+        planes = self.workspace.planes("v", self._live("v"), self.v_bits, p.dtype)  # [planes, b, h, n, g, d/planes]
+        planes = planes.flatten(3, 4)  # [planes, b, h, t, d/planes]
         groups = grid.shape[-2]
         weights = p[:, :, :, None, :] * grid[..., 0].transpose(-1, -2)[:, :, None]  # [b, h, r, groups, t]
         out = (weights.flatten(2, 3) @ planes).movedim(0, -1).flatten(-2)  # [b, h, r * groups, d]: channel order
