@@ -40,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from scipy.linalg import lapack
 
 from mqc.errors import InvalidWeightsError
 
@@ -216,11 +217,15 @@ def _params(
     w_max = torch.where(empty, 0.0, w_max).clamp_min(0.0)
     if importance is None:
         return _grid(w_min, w_max, levels)
+    weight = importance * kg  # [..., g]: what a squared error costs; 0 for outliers and padding
+    work = torch.empty_like(wg)
     best = best_err = None
     for shrink in CLIP_SHRINKS:
         zero, scale16 = _grid(w_min * shrink, w_max * shrink, levels)
-        q = _encode(wg, zero, scale16, levels)
-        err = (((q - zero.unsqueeze(-1)) * scale16.float().unsqueeze(-1) - wg).pow(2) * importance * kg).sum(-1)
+        scale, offset = scale16.float().unsqueeze(-1), zero.unsqueeze(-1)
+        # ((clamp(round(w / s) + z, 0, L) - z) * s - w)^2, in place: this loop is memory-bound
+        torch.div(wg, scale, out=work).round_().add_(offset).clamp_(0, levels).sub_(offset).mul_(scale)
+        err = work.sub_(wg).square_().mul_(weight).sum(-1)
         if best is None:
             best, best_err = (zero, scale16), err
             continue
@@ -264,21 +269,29 @@ def _codes(
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, damping more if needed."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    mean_diag = torch.diag(h).mean()
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U``, damping more if needed.
+
+    With ``J`` the exchange matrix and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky and one
+    triangular inverse (LAPACK ``trtri``), in float32 (``U`` within about 1e-7 of its largest
+    entry of a float64 computation), instead of a Cholesky, a full inverse and a second Cholesky
+    in float64, which took most of a large layer's GPTQ time."""
+    h = torch.flip(hessian.float(), (0, 1))
+    diagonal = torch.diag(h).clone()
+    diagonal[diagonal == 0] = 1.0  # dead inputs: their columns are zeroed, any pivot will do
+    mean_diag = diagonal.mean()
     for factor in (1, 10, 100, 1000):
-        chol, info = torch.linalg.cholesky_ex(h + damp * factor * mean_diag * eye)
+        h.diagonal().copy_(diagonal + damp * factor * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+            del h
+            inverse, info = lapack.strtri(chol.numpy(), lower=1, overwrite_c=1)
+            if info == 0:
+                return torch.flip(torch.from_numpy(inverse), (0, 1))
     raise InvalidWeightsError("the calibration Hessian is not positive definite even after damping; use more calibration data")
 
 
-GPTQ_BLOCK = 32  # columns updated one by one before the rest of the matrix sees their errors (one matmul)
-GPTQ_CHUNK_ROWS = 65536  # rows (over all grids) processed together; rows are independent in GPTQ
+GPTQ_BLOCK = 64  # columns updated one by one before the rest of the matrix sees their errors (one matmul)
+GPTQ_CHUNK_ELEMENTS = 1 << 26  # [K, rows] working matrix of one column loop (256 MB of float32); rows are independent
 
 
 @dataclass(frozen=True)
@@ -297,9 +310,18 @@ class Grid:
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class _GridParams:
+    zero: torch.Tensor  # float32 [N, n_blocks]
+    scale: torch.Tensor  # float32 [N, n_blocks] (the stored fp16 values, or a fixed grid's own)
+    keep: torch.Tensor | None  # bool [N, K] in the permuted column order; None: no outliers
+    levels: int
+    group_size: int
+
+
 def gptq_batch(
     weight: torch.Tensor, hessian: torch.Tensor, grids: list[Grid], damp: float = 0.01
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """GPTQ (Frantar et al. 2022) of one weight for several grids at once.
 
     Columns are quantized one by one, each column's error pushed onto the not-yet-quantized
@@ -314,9 +336,12 @@ def gptq_batch(
 
     Rows are independent given the Hessian, so the rows of every grid are stacked into one matrix
     and share the column loop (the allocator needs a dozen candidates of every layer; one loop per
-    candidate made the Python overhead dominate). The matrix is kept transposed so that a column
-    is a contiguous row. Returns per grid ``(q [N, nb, g] int32, z [N, nb] int32, s [N, nb] fp16,
-    target [N, K] fp32)`` in the layout of :func:`_codes` (a ``fixed`` grid's own float ``z, s``).
+    candidate made the Python overhead dominate), in chunks of at most
+    :data:`GPTQ_CHUNK_ELEMENTS`. The matrix is kept transposed so that a column is a contiguous
+    row, and every update is in place (``addr_``/``addmm_``): a temporary per block made the loop
+    memory-bound. Returns per grid ``(q [N, nb, g] uint8, z [N, nb] int32, s [N, nb] fp16,
+    target)`` in the layout of :func:`_codes` (a ``fixed`` grid's own float ``z, s``); ``target
+    [N, K]`` float32 only for a grid with outliers (else None: the target is the dequantized codes).
     """
     for grid in grids:
         if grid.fixed is None:
@@ -328,68 +353,94 @@ def gptq_batch(
     w[:, torch.diag(hessian) == 0] = 0.0
     order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
     hinv = _inverse_hessian_factor(hessian[order][:, order], damp)
-    params = []
+    params, stored = [], []
     energy = torch.diag(hessian).float().expand(rows, cols)
     for grid in grids:
-        keep = torch.ones_like(w, dtype=torch.bool) if grid.outlier_mask is None else ~grid.outlier_mask
         levels = (1 << grid.bits) - 1
+        keep = None if grid.outlier_mask is None else ~grid.outlier_mask
         if grid.fixed is not None:
-            params.append((*grid.fixed, keep, levels))
+            zero, scale = grid.fixed
+            stored.append((zero, scale))
+            params.append(_GridParams(zero.float(), scale.float(), None if keep is None else keep[:, order], levels, grid.group_size))
             continue
         importance = _grouped(energy, grid.group_size, 0.0) if grid.bits <= CLIP_MAX_BITS else None
-        wg, kg = _grouped(w, grid.group_size, 0.0), _grouped(keep.float(), grid.group_size, 0.0).bool()
-        zero, scale16 = _params(wg, kg, levels, importance)
-        params.append((zero, scale16, keep, levels))
+        kept = torch.ones_like(w, dtype=torch.bool) if keep is None else keep
+        zero, scale16 = _params(_grouped(w, grid.group_size, 0.0), _grouped(kept.float(), grid.group_size, 0.0).bool(), levels, importance)
+        stored.append((zero.to(torch.int32), scale16))
+        params.append(_GridParams(zero, scale16.float(), None if keep is None else keep[:, order], levels, grid.group_size))
     w_perm = w[:, order]
-    out_q = [torch.zeros(rows, cols) for _ in grids]
-    out_t = [torch.zeros(rows, cols) for _ in grids]
-    pieces = [(g, r0, min(r0 + GPTQ_CHUNK_ROWS, rows)) for g in range(len(grids)) for r0 in range(0, rows, GPTQ_CHUNK_ROWS)]
+    del w
+    codes = [torch.empty(rows, cols, dtype=torch.uint8) for _ in grids]
+    targets = [None if p.keep is None else torch.empty(rows, cols) for p in params]
+    per_chunk = max(1, GPTQ_CHUNK_ELEMENTS // cols)
+    pieces = [(g, r0, min(r0 + per_chunk, rows)) for g in range(len(grids)) for r0 in range(0, rows, per_chunk)]
     chunk: list[tuple[int, int, int]] = []
     for piece in pieces + [None]:
-        if piece is not None and sum(r1 - r0 for _, r0, r1 in chunk) + piece[2] - piece[1] <= GPTQ_CHUNK_ROWS:
+        if piece is not None and sum(r1 - r0 for _, r0, r1 in chunk) + piece[2] - piece[1] <= per_chunk:
             chunk.append(piece)
             continue
         if chunk:
-            _gptq_chunk(chunk, grids, params, w_perm, order, hinv, out_q, out_t)
+            _gptq_chunk(chunk, params, w_perm, order, hinv, codes, targets)
         chunk = [piece] if piece is not None else []
     restore = torch.argsort(order)
     results = []
-    for grid, (zero, scale16, _, _), q, target in zip(grids, params, out_q, out_t):
-        q = _grouped(q[:, restore], grid.group_size, 0.0)  # padding codes 0, as in _codes
-        zero = zero if grid.fixed is not None else zero.to(torch.int32)
-        results.append((q.to(torch.int32), zero, scale16, target[:, restore]))
+    for grid, (zero, scale), q, target in zip(grids, stored, codes, targets):
+        q = _grouped(q[:, restore], grid.group_size, 0)  # padding codes 0, as in _codes
+        results.append((q, zero, scale, None if target is None else target[:, restore]))
     return results
 
 
-def _gptq_chunk(chunk, grids, params, w_perm, order, hinv, out_q, out_t) -> None:
+def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, targets) -> None:
     """GPTQ's column loop over the stacked rows ``chunk`` ((grid, first row, end row) pieces)."""
     cols = w_perm.shape[1]
     wt = torch.cat([w_perm[r0:r1] for _, r0, r1 in chunk]).T.contiguous()  # [K, R]
-    zt = torch.cat([params[g][0].float()[r0:r1][:, order // grids[g].group_size] for g, r0, r1 in chunk]).T.contiguous()
-    # round(x/s) + z for the integer zeros of mqc's grids (unchanged ties), round(x/s + z) for fractional ones
-    zi = zt.floor()
-    zf = zt - zi
-    st = torch.cat([params[g][1].float()[r0:r1][:, order // grids[g].group_size] for g, r0, r1 in chunk]).T.contiguous()
-    keep = torch.cat([params[g][2][r0:r1][:, order] for g, r0, r1 in chunk]).T.contiguous()
-    levels = torch.cat([torch.full((r1 - r0,), float(params[g][3])) for g, r0, r1 in chunk])
-    qt, tt = torch.empty_like(wt), torch.empty_like(wt)
+    qt = torch.empty(wt.shape, dtype=torch.uint8)
+    outliers = any(params[g].keep is not None for g, _, _ in chunk)
+    tt = torch.empty_like(wt) if outliers else None
+    levels = torch.cat([torch.full((r1 - r0,), float(params[g].levels)) for g, r0, r1 in chunk])
+    code = torch.empty(wt.shape[1])
+    value = torch.empty(wt.shape[1])
     for i1 in range(0, cols, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, cols)
+
+        def per_column(field: str) -> torch.Tensor:  # [i2 - i1, R] of a per-group field
+            parts = [getattr(params[g], field)[r0:r1][:, order[i1:i2] // params[g].group_size] for g, r0, r1 in chunk]
+            return torch.cat(parts).T.contiguous()
+
+        zt, st = per_column("zero"), per_column("scale")
+        # round(x/s) + z for the integer zeros of mqc's grids (unchanged ties), round(x/s + z) for fractional ones
+        zi = zt.floor()
+        zf = zt - zi
+        keep = None
+        if outliers:
+            keep = torch.cat(
+                [params[g].keep[r0:r1, i1:i2] if params[g].keep is not None else torch.ones(r1 - r0, i2 - i1, dtype=torch.bool) for g, r0, r1 in chunk]
+            ).T.contiguous()
         errors = torch.empty(i2 - i1, wt.shape[1])
-        for i in range(i1, i2):
-            column = wt[i]
-            code = torch.minimum(torch.clamp_min(torch.round(column / st[i] + zf[i]) + zi[i], 0.0), levels)
-            value = torch.where(keep[i], (code - zt[i]) * st[i], column)
-            qt[i], tt[i] = code, value
-            err = (column - value) / hinv[i, i]
-            wt[i + 1 : i2] -= hinv[i, i + 1 : i2, None] * err[None, :]
-            errors[i - i1] = err
-        wt[i2:] -= hinv[i1:i2, i2:].T @ errors
+        block = wt[i1:i2]
+        for j in range(i2 - i1):
+            i = i1 + j
+            column = block[j]
+            torch.div(column, st[j], out=code)
+            code.add_(zf[j]).round_().add_(zi[j]).clamp_min_(0.0)
+            torch.minimum(code, levels, out=code)
+            torch.sub(code, zt[j], out=value).mul_(st[j])
+            if keep is not None:
+                value = torch.where(keep[j], value, column)
+                tt[i] = value
+            qt[i] = code
+            err = errors[j]
+            torch.sub(column, value, out=err).div_(hinv[i, i])
+            if j + 1 < i2 - i1:
+                block[j + 1 :].addr_(hinv[i, i + 1 : i2], err, alpha=-1.0)
+        if i2 < cols:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, errors, alpha=-1.0)
     start = 0
     for g, r0, r1 in chunk:
         n = r1 - r0
-        out_q[g][r0:r1] = qt[:, start : start + n].T
-        out_t[g][r0:r1] = tt[:, start : start + n].T
+        codes[g][r0:r1] = qt[:, start : start + n].T
+        if targets[g] is not None:
+            targets[g][r0:r1] = tt[:, start : start + n].T
         start += n
 
 

@@ -80,7 +80,7 @@ def _outlier_masks(weight, hessian, grids, plans: list[LayerPlan], energy):
     first = quant.gptq_batch(weight, hessian, grids) if hessian is not None else None
     masks = []
     for i, grid in enumerate(grids):
-        approx = first[i][3] if first else quant.fake_quantize(weight, grid.bits, grid.group_size)
+        approx = quant._from_codes(*first[i][:3], weight.shape[1]) if first else quant.fake_quantize(weight, grid.bits, grid.group_size)
         score = (weight - approx).pow(2) * (energy if energy is not None else 1.0)
         masks.append(top_mask(score, plans[i].n_outliers, outliers_per_row(plans[i])))
     return masks
