@@ -74,11 +74,12 @@ _KV_QUANT_FLAGS = {
 }
 
 
-def recipe_from_args(args: argparse.Namespace, size: str | None = None):
-    """The recipe file (if any) overridden by the flags given; ``size`` is one entry of --size."""
+def recipe_from_args(args: argparse.Namespace, size: str | None = None, base: dict[str, Any] | None = None):
+    """The recipe file (if any; else ``base``, an analysis's recipe) overridden by the flags given;
+    ``size`` is one entry of --size."""
     from mqc.recipe import Recipe
 
-    data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else {}
+    data: dict[str, Any] = Recipe.from_yaml(args.recipe).to_dict() if args.recipe else dict(base or {})
     if size is not None:
         data["size"] = size
         data.setdefault("method", "mq")  # a size budget is what mq allocates; --method rtn is refused by the recipe
@@ -112,77 +113,89 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="perplexity window and stride (default 512)")
 
 
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="YAML recipe file; flags given explicitly override it")
+    p.add_argument("--method", choices=["rtn", "mq"])
+    p.add_argument(
+        "--size",
+        help="mq: whole-model size budget, every byte of every tensor: '70MB', '64MiB' or '3.5bpw'; "
+        "a comma list ('3bpw,3.5bpw,4bpw') writes one artifact per size under --out, sharing one analysis",
+    )
+    p.add_argument("--bits", type=float, help="rtn: the width; mq: average bits/weight over the quantized tensors")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128])
+    p.add_argument("--budget-bytes", type=int, help="mq: budget in bytes for all quantized tensors")
+    p.add_argument("--budget-frac", type=float, help="mq: budget as a fraction of the fp16 size")
+    p.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
+    p.add_argument("--allowed-group-sizes", type=_parse_bits_list,
+                   help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
+    p.add_argument(
+        "--quantizer", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default: gptq for mq, rtn for uniform)"
+    )
+    p.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
+    p.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip
+    p.add_argument("--skip", action="append", help="fnmatch pattern of layers to keep in fp16, repeatable")
+    p.add_argument("--outliers", type=float, help="fraction of weights kept as fp16 sparse outliers (0 disables)")
+    p.add_argument(
+        "--sensitivity",
+        choices=["kl", "first_order", "fisher"],
+        help="mq costs: predicted KL to the full-precision model (default) or LLM-MQ's RTN-delta scores",
+    )
+    p.add_argument("--search", choices=["evo", "none"], help="mq: refine the knapsack plan on measured KL (default evo)")
+    p.add_argument("--search-generations", type=int, help="mq: generations of the measured-KL search (default 10)")
+    p.add_argument("--target", choices=["torch", "cuda", "onnx", "gguf"],
+                   help="where the model will run; the plan is priced in the bytes it stores there: torch (default) "
+                   "and cuda store every mqc format, onnx has no 3-bit codes (mqc export --onnx), gguf plans "
+                   "over llama.cpp's types (mqc export --gguf)")
+    p.add_argument("--gguf-types", type=_parse_names,
+                   help="target gguf: comma list of llama.cpp types to choose from (default all: "
+                   "Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0,F16)")
+    p.add_argument("--calib-file", help="calibrate on this text file instead of the Brown calibration split")
+    p.add_argument("--calib-samples", type=int)
+    p.add_argument("--calib-seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kv-rank", type=float, help="low-rank K/V cache at this fraction of the K/V width")
+    p.add_argument("--kv-method", choices=["svd", "asvd"])
+    p.add_argument("--kv-window", type=int, help="recent tokens kept in full precision (default 32)")
+    p.add_argument("--kv-quant", type=int, choices=[2, 4, 8], help="quantize the compressed K/V branch")
+    p.add_argument("--kv-train-steps", type=int, help="reconstruction training steps per layer")
+    p.add_argument("--kv-budget", type=float, help="choose per-layer K/V ranks for this fraction of KV memory")
+    p.add_argument("--kv-sinks", type=int, help="first tokens of a sequence kept exact (default 4)")
+    p.add_argument("--kv-bits", type=int, choices=[2, 4, 8], help="quantized KV cache at this width (KIVI)")
+    p.add_argument("--kv-mixed", type=float, metavar="FRAC",
+                   help="quantized KV cache, per-layer widths (PM-KVQ) for this fraction of the fp16 cache at --kv-context")
+    p.add_argument("--kv-context", type=int, help="quantized KV: tokens the cache is sized for (default 4096)")
+    p.add_argument("--kv-group", type=int, help="quantized KV: tokens per key grid and channels per value grid (default 32)")
+    p.add_argument("--kv-lower-after", type=int, metavar="TOKENS",
+                   help="quantized KV: tokens older than the window + this drop one width (progressive lowering)")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="joint budget for the whole model plus a quantized KV cache of --kv-context tokens "
+                   "(e.g. 150MB): weight and KV widths chosen together (implies --method mq)")
+    p.add_argument("--kv-batch", type=int, help="joint budget: sequences whose KV caches it holds (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqc", description="Compile causal LMs into small, fast mixed-precision models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="quantize a model and write an artifact")
-    c.add_argument("model", nargs="?", default=None, help="local HF model dir (default: embedded SmolLM2-135M)")
+    c = sub.add_parser("compile", help="quantize a model and write an artifact (analyze, plan, lower)")
+    c.add_argument("model", nargs="?", default=None, help="local HF model dir (default: embedded SmolLM2-135M, or --analysis's model)")
     c.add_argument("--out", required=True, help="artifact directory to write")
     c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
-    c.add_argument("--recipe", help="YAML recipe file; flags given explicitly override it")
-    c.add_argument("--method", choices=["rtn", "mq"])
-    c.add_argument(
-        "--size",
-        help="mq: whole-model size budget, every byte of every tensor: '70MB', '64MiB' or '3.5bpw'; "
-        "a comma list ('3bpw,3.5bpw,4bpw') writes one artifact per size under --out, sharing one analysis",
-    )
-    c.add_argument("--bits", type=float, help="rtn: the width; mq: average bits/weight over the quantized tensors")
-    c.add_argument("--group-size", type=int, choices=[32, 64, 128])
-    c.add_argument("--budget-bytes", type=int, help="mq: budget in bytes for all quantized tensors")
-    c.add_argument("--budget-frac", type=float, help="mq: budget as a fraction of the fp16 size")
-    c.add_argument("--allowed-bits", type=_parse_bits_list, help="mq: widths to choose from (default 2,3,4,8,16)")
-    c.add_argument("--allowed-group-sizes", type=_parse_bits_list,
-                   help="mq: group sizes the allocator may pick per layer, e.g. 64,128 (default: --group-size)")  # fmt: skip
-    c.add_argument(
-        "--quantizer", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default: gptq for mq, rtn for uniform)"
-    )
-    c.add_argument("--pin", type=_parse_pin, action="append", help="PATTERN=BITS minimum width, repeatable")
-    c.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="include embeddings and lm_head (default: on for mq, off for rtn)")  # fmt: skip
-    c.add_argument("--skip", action="append", help="fnmatch pattern of layers to keep in fp16, repeatable")
-    c.add_argument("--outliers", type=float, help="fraction of weights kept as fp16 sparse outliers (0 disables)")
-    c.add_argument(
-        "--sensitivity",
-        choices=["kl", "first_order", "fisher"],
-        help="mq costs: predicted KL to the full-precision model (default) or LLM-MQ's RTN-delta scores",
-    )
-    c.add_argument("--search", choices=["evo", "none"], help="mq: refine the knapsack plan on measured KL (default evo)")
-    c.add_argument("--search-generations", type=int, help="mq: generations of the measured-KL search (default 10)")
-    c.add_argument("--target", choices=["torch", "cuda", "onnx", "gguf"],
-                   help="where the model will run; the plan is priced in the bytes it stores there: torch (default) "
-                   "and cuda store every mqc format, onnx has no 3-bit codes (mqc export --onnx), gguf plans "
-                   "over llama.cpp's types (mqc export --gguf)")
-    c.add_argument("--gguf-types", type=_parse_names,
-                   help="target gguf: comma list of llama.cpp types to choose from (default all: "
-                   "Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0,F16)")
-    c.add_argument("--calib-file", help="calibrate on this text file instead of the Brown calibration split")
-    c.add_argument("--calib-samples", type=int)
-    c.add_argument("--calib-seq-len", type=int)
-    c.add_argument("--seed", type=int)
-    c.add_argument("--kv-rank", type=float, help="low-rank K/V cache at this fraction of the K/V width")
-    c.add_argument("--kv-method", choices=["svd", "asvd"])
-    c.add_argument("--kv-window", type=int, help="recent tokens kept in full precision (default 32)")
-    c.add_argument("--kv-quant", type=int, choices=[2, 4, 8], help="quantize the compressed K/V branch")
-    c.add_argument("--kv-train-steps", type=int, help="reconstruction training steps per layer")
-    c.add_argument("--kv-budget", type=float, help="choose per-layer K/V ranks for this fraction of KV memory")
-    c.add_argument("--kv-sinks", type=int, help="first tokens of a sequence kept exact (default 4)")
-    c.add_argument("--kv-bits", type=int, choices=[2, 4, 8], help="quantized KV cache at this width (KIVI)")
-    c.add_argument("--kv-mixed", type=float, metavar="FRAC",
-                   help="quantized KV cache, per-layer widths (PM-KVQ) for this fraction of the fp16 cache at --kv-context")
-    c.add_argument("--kv-context", type=int, help="quantized KV: tokens the cache is sized for (default 4096)")
-    c.add_argument("--kv-group", type=int, help="quantized KV: tokens per key grid and channels per value grid (default 32)")
-    c.add_argument("--kv-lower-after", type=int, metavar="TOKENS",
-                   help="quantized KV: tokens older than the window + this drop one width (progressive lowering)")
-    c.add_argument("--memory", metavar="SIZE",
-                   help="joint budget for the whole model plus a quantized KV cache of --kv-context tokens "
-                   "(e.g. 150MB): weight and KV widths chosen together (implies --method mq)")
-    c.add_argument("--kv-batch", type=int, help="joint budget: sequences whose KV caches it holds (default 1)")
+    c.add_argument("--analysis", metavar="DIR", help="plan from this finished analysis (mqc analyze) instead of analysing")
+    _add_recipe_args(c)
     c.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
     _add_eval_args(c)
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--json", action="store_true", help="print the reports as one JSON document")
+
+    a = sub.add_parser("analyze", help="analyse a model once (streamed, resumable); plans of any size come from it")
+    a.add_argument("model", nargs="?", default=None, help="local HF model dir (default: embedded SmolLM2-135M)")
+    a.add_argument("--out", required=True, help="analysis directory (a killed run continues there)")
+    a.add_argument("--force", action="store_true", help="start over an analysis at --out (never replaces anything else)")
+    _add_recipe_args(a)
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     e = sub.add_parser(
         "eval",
@@ -248,74 +261,124 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _evaluate(model, tokenizer, args) -> tuple[float, int]:
-    from mqc.data import bos_id, perplexity, token_stream
-
-    ids = token_stream(tokenizer, "eval", args.eval_file)
-    ppl = perplexity(model, ids, context=args.context, max_tokens=args.eval_tokens, bos=bos_id(tokenizer))
-    return ppl, min(ids.numel(), args.eval_tokens)
-
-
-def _compile_targets(args) -> list[tuple[Any, Path]]:
+def _compile_targets(args, base: dict[str, Any] | None = None) -> list[tuple[Any, Path]]:
     """(recipe, artifact dir) per requested size: --out itself, or one subdirectory per size."""
     sizes = [t.strip() for t in args.size.split(",")] if args.size else [None]
     if len(sizes) != len(set(sizes)):
         raise MqcError(f"--size {args.size!r} names a size twice")
     out = Path(args.out)
     if len(sizes) == 1:
-        return [(recipe_from_args(args, sizes[0]), out)]
-    return [(recipe_from_args(args, size), out / f"mq-{size}") for size in sizes]
+        return [(recipe_from_args(args, sizes[0], base), out)]
+    return [(recipe_from_args(args, size, base), out / f"mq-{size}") for size in sizes]
+
+
+def cmd_analyze(args) -> int:
+    import mqc
+
+    if args.calib_file:
+        from mqc.data import check_text_file
+
+        check_text_file(args.calib_file)
+    args.method = args.method or "mq"
+    recipe = recipe_from_args(args)
+    budgets = tuple(r for r, _ in _compile_targets(argparse.Namespace(**{**vars(args), "out": "."}))) if args.size else ()
+    analysis = mqc.analyze(args.model, recipe, args.out, force=args.force, budgets=budgets)
+    summary = analysis_summary(analysis)
+    print(json.dumps(summary, indent=2, default=str) if args.json else "\n".join(analysis_lines(summary)))
+    return 0
+
+
+def analysis_summary(analysis) -> dict[str, Any]:
+    return {
+        "analysis": str(analysis.root),
+        "bytes_on_disk": analysis.size_bytes(),
+        "model_type": analysis.config.model_type,
+        "units": len(analysis.units),
+        "layers": analysis.n_layers,
+        "settings": analysis.settings.to_dict(),
+        "stages": analysis.stages,
+    }
+
+
+def analysis_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"analysis {summary['analysis']}: {summary['model_type']}, {summary['layers']} layers, {summary['units']} units, "
+             f"{summary['bytes_on_disk'] / 2**20:.0f} MiB on disk"]  # fmt: skip
+    for name, stage in summary["stages"].items():
+        steps = stage.get("steps", [])
+        slowest = max((st.get("seconds", 0) for st in steps), default=0)
+        extra = f", {len(steps)} steps (slowest {slowest:.1f} s)" if steps else ""
+        peak = stage.get("peak_rss_bytes")
+        lines.append(f"  {name}: {stage.get('seconds', 0):.1f} s" + (f", peak {peak / 2**20:.0f} MiB" if peak else "") + extra)
+    lines.append(f"plan from it: mqc compile --analysis {summary['analysis']} --size 3.5bpw,4.5bpw --out OUT")
+    return lines
 
 
 def cmd_compile(args) -> int:
-    import copy
-
     import mqc
     from mqc.atomic import check_replaceable
     from mqc.data import check_text_file
+    from mqc.report import build_report, layer_table, summary_lines, write_reports
     from mqc.runtime.artifact import WHAT as ARTIFACT
     from mqc.runtime.artifact import is_artifact
-    from mqc.report import build_report, layer_table, summary_lines, write_reports
-    from mqc.size import parse_size
 
-    targets = _compile_targets(args)
+    analysis = mqc.Analysis.open(args.analysis) if args.analysis else None
+    model = args.model
+    if analysis is not None and model is None:
+        model = analysis.source_spec
+        if model is None:
+            raise MqcError(f"{args.analysis} was made from a model in memory; name the model directory: mqc compile MODEL --analysis DIR")
+    targets = _compile_targets(args, analysis.recipe.to_dict() if analysis is not None else None)
     for _, out in targets:  # before any work: what save() would refuse at the end
         check_replaceable(out, args.force, is_artifact, ARTIFACT)
     for path in (args.calib_file, args.eval_file):
         if path:
             check_text_file(path)
-    model, tokenizer = mqc.load_hf_model(args.model)
-    if len(targets) > 1:  # smallest first: an impossible size is refused before any analysis
-        n_params = sum(p.numel() for p in model.parameters())
-        targets.sort(key=lambda t: parse_size(t[0].size).to_bytes(n_params))
+    if analysis is None:
+        analysis = mqc.analyze(model, targets[0][0], budgets=tuple(r for r, _ in targets))
+    if len(targets) > 1:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    ppl_ref = tokens = None
-    if args.eval:
-        ppl_ref, tokens = _evaluate(model, tokenizer, args)
-    first = None
+    reference = None
+    reports = []
     for recipe, out in targets:
-        target_model = copy.deepcopy(model) if len(targets) > 1 else model
-        compiled = mqc.compile(target_model, recipe, tokenizer=tokenizer, reuse=first)
-        first = first or compiled
+        plan = mqc.plan(analysis, recipe)
+        compiled = mqc.lower(model, plan, analysis=analysis)
         mqc.save(compiled, out, force=args.force)
         evaluation = None
         if args.eval:
-            ppl, _ = _evaluate(target_model, tokenizer, args)
+            if reference is None:
+                reference = _evaluate(None, model, compiled.tokenizer, args)
+            ppl, tokens = _evaluate(compiled.model, model, compiled.tokenizer, args)
             text = args.eval_file or "Brown eval split"
-            evaluation = {"ppl_reference": ppl_ref, "ppl_compiled": ppl, "tokens": tokens, "context": args.context, "text": text}
+            evaluation = {"ppl_reference": reference[0], "ppl_compiled": ppl, "tokens": tokens, "context": args.context, "text": text}
         report = build_report(compiled, evaluation)
         report["artifact"] = {"path": str(out), "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir())}
         write_reports(report, out)
-        if args.json:
-            print(json.dumps(report, indent=2, default=str))
-            continue
-        print(layer_table(report["layers"]))
-        print()
-        for line in summary_lines(report):
-            print(line)
-        print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
-        print()
+        reports.append(report)
+        if not args.json:
+            print("\n".join(summary_lines(report)) if len(report["layers"]) > 40 else layer_table(report["layers"]) + "\n\n" + "\n".join(summary_lines(report)))
+            print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
+            print()
+        del compiled
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
     return 0
+
+
+def _evaluate(compiled_model, spec, tokenizer, args) -> tuple[float, int]:
+    """Perplexity of the compiled model (in memory), or of the float model ``spec`` streamed from
+    its shards when ``compiled_model`` is None."""
+    from mqc.data import bos_id, perplexity, token_stream
+    from mqc.stream.skeleton import open_model
+    from mqc.stream.stack import LayerStack
+
+    if compiled_model is None:
+        skeleton, source, tokenizer, _ = open_model(spec)
+        stack = LayerStack(skeleton, source)
+    else:
+        stack = LayerStack(compiled_model)
+    ids = token_stream(tokenizer, "eval", args.eval_file)
+    ppl = perplexity(stack, ids, context=args.context, max_tokens=args.eval_tokens, bos=bos_id(tokenizer))
+    return ppl, min(ids.numel(), args.eval_tokens)
 
 
 def cmd_eval(args) -> int:
@@ -384,7 +447,7 @@ CPU_KERNELS_HELP = (
 def _load(args):
     """(model, tokenizer) of MODEL; an artifact on the CPU comes on compressed kernels unless
     ``--cpu-kernels dense``."""
-    from mqc.models import load_any
+    from mqc.runtime.artifact import load_any
 
     return load_any(args.model, deploy_cpu=args.device == "cpu" and args.cpu_kernels == "packed")
 
@@ -396,7 +459,7 @@ def _on_device(model, device: str):
     import torch
 
     from mqc.kernels.launch import kernels_available
-    from mqc.passes.fuse import fuse_model
+    from mqc.lowering.fuse import fuse_model
 
     if not torch.cuda.is_available():
         raise MqcError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -437,8 +500,8 @@ def cmd_export(args) -> int:
     from mqc.export import export_onnx
     from mqc.export.onnx import DEFAULT_ACCURACY_LEVEL, is_export
     from mqc.export.onnx import WHAT as EXPORT
+    from mqc.runtime.artifact import load_any
     from mqc.runtime.artifact import is_artifact, read_manifest
-    from mqc.models import load_any
 
     check_replaceable(Path(args.onnx), args.force, is_export, EXPORT)  # before loading anything
     accounting = read_manifest(args.model)["accounting"] if is_artifact(Path(args.model)) else {}
@@ -519,6 +582,7 @@ def cmd_generate(args) -> int:
 
 
 COMMANDS = {
+    "analyze": cmd_analyze,
     "compile": cmd_compile,
     "eval": cmd_eval,
     "inspect": cmd_inspect,

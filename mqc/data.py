@@ -232,15 +232,46 @@ def perplexity(
     desc: str = "perplexity",
     forward_kwargs: Callable[[], dict[str, Any]] = dict,
 ) -> float:
-    """Perplexity of ``model`` on a 1-D token stream (see module docstring for the protocol);
-    ``forward_kwargs()`` gives each window's extra model arguments (a fresh cache, say)."""
+    """Perplexity of ``model`` (a model in memory, or a :class:`~mqc.stream.stack.LayerStack` of
+    one streamed from its shards) on a 1-D token stream (see the module docstring for the
+    protocol); ``forward_kwargs()`` gives each window's extra model arguments (a fresh cache, say).
+    A Hugging Face model's head runs a few tokens at a time: no window's ``[tokens, vocab]`` logits
+    are ever whole (other callables, an onnxruntime session say, return their logits)."""
     ids = ids[:max_tokens] if max_tokens else ids
-    device = next(model.parameters()).device
+    scorer = window_scorer(model)
     nll, count = 0.0, 0
     windows = list(eval_windows(ids, context, stride, bos))
     for window, first in tqdm(windows, desc=desc, disable=not progress, leave=False):
-        window = window.to(device)
-        logits = model(input_ids=window[None], **forward_kwargs()).logits[0, first:-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
+        targets = window[first + 1 :]
+        for start, logits in scorer(window, first, forward_kwargs()):
+            rows = targets[start : start + logits.shape[0]].to(logits.device)
+            nll += torch.nn.functional.cross_entropy(logits.float(), rows, reduction="sum").item()
         count += window.numel() - 1 - first
     return math.exp(nll / count)
+
+
+def window_scorer(model) -> Callable:
+    """``(window, first, kwargs) -> iterator of (row, logits [t, vocab])`` predicting
+    ``window[first + 1 :]``, a few rows at a time where the model is a Hugging Face one."""
+    from mqc.kl import token_chunk
+    from mqc.stream.stack import LayerStack
+
+    if not isinstance(model, LayerStack) and not hasattr(model, "get_decoder"):
+        def whole(window, first, kwargs):
+            device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+            yield 0, model(input_ids=window[None].to(device), **kwargs).logits[0, first:-1]
+
+        return whole
+    stack = model if isinstance(model, LayerStack) else LayerStack(model)
+    head = stack.head()
+    step = token_chunk(stack.vocab_size())
+
+    device = next((p.device for p in stack.model.parameters() if not p.is_meta), torch.device("cpu"))
+
+    def chunked(window, first, kwargs):
+        with stack.whole(hidden_out=True) as m:
+            hidden = m(input_ids=window[None].to(device), **kwargs).logits[0, first:-1]
+        for i in range(0, hidden.shape[0], step):
+            yield i, head(hidden[i : i + step])
+
+    return chunked

@@ -35,3 +35,8 @@ class DataError(MqcError):
 
 class PassContractError(MqcError):
     """A pass pipeline cannot run: a required key has no producer, or passes form a cycle."""
+
+
+class AnalysisError(MqcError):
+    """An analysis directory is missing, incomplete, corrupted, made for another model or other
+    settings, or cannot be written (a full disk)."""

@@ -162,17 +162,6 @@ def load_hf_model(spec: str | os.PathLike | None = None):
     return model, tokenizer
 
 
-def load_any(spec: str | os.PathLike | None = None, deploy_cpu: bool = False):
-    """(model, tokenizer) of an mqc artifact or of a plain model: the CLI's MODEL_OR_ARTIFACT.
-    ``deploy_cpu``: an artifact comes on the compressed CPU kernels (a plain model as it is)."""
-    path = resolve_model_dir(spec)
-    if (path / "manifest.json").is_file():
-        from mqc.runtime.artifact import load
-
-        return load(path, deploy_cpu=deploy_cpu)
-    return load_hf_model(path)
-
-
 # --------------------------------------------------------------------------------------------
 # tiny models for tests: one config per supported family, small enough to run in milliseconds
 # --------------------------------------------------------------------------------------------

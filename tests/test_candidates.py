@@ -5,8 +5,7 @@ import torch
 
 import mqc
 from mqc import quant
-from mqc.passes import keys
-from mqc.passes.units import choice_of
+from mqc.planning.types import choice_of
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +53,56 @@ def compiled():
 
 
 def test_deployed_weights_are_the_candidates(compiled):
-    table, units = compiled.context[keys.CANDIDATES], compiled.context[keys.UNITS]
+    table, units = compiled.analysis.candidates, compiled.analysis.units
     reference = mqc.tiny_model("llama")
-    for name, entry in compiled.plan.items():
-        weight = units[name].weight(reference)
+    for name, entry in compiled.plan.layers.items():
+        weight = units[name].oriented(reference.get_submodule(name).weight.detach())
         runtime = compiled.model.get_submodule(name)
         deployed = weight.half().float() if entry.bits == 16 else runtime.dense_weight()
-        assert torch.equal(deployed, table.dense(name, choice_of(entry), weight)), name
+        assert torch.equal(deployed, table.dense(name, choice_of(entry))), name
 
 
 def test_candidate_bytes_are_the_plan_bytes(compiled):
-    table = compiled.context[keys.CANDIDATES]
-    for per_choice in table.units.values():
-        for cand in per_choice.values():
+    table = compiled.analysis.candidates
+    for name, plans in table.plans.items():
+        for choice, plan in plans.items():
+            cand = table.candidate(name, choice)
             if cand.weight is not None:
                 stored = cand.weight.nbytes() + (cand.outliers.nbytes() if cand.outliers else 0)
-                assert stored == cand.plan.nbytes - (2 * cand.plan.out_features if cand.plan.has_bias else 0)
-                assert cand.outliers is not None and cand.outliers.nnz == cand.plan.n_outliers
+                assert stored == plan.nbytes - (2 * plan.out_features if plan.has_bias else 0)
+                assert cand.outliers is not None and cand.outliers.nnz == plan.n_outliers
 
 
 def test_row_error_falls_with_width(compiled):
-    table = compiled.context[keys.CANDIDATES]
-    for per_choice in table.units.values():
-        errors = [float(per_choice[(b, 32)].row_error.sum()) for b in (2, 3, 4, 8)]
+    table = compiled.analysis.candidates
+    for name in table.plans:
+        errors = [float(table.row_error(name, (b, 32)).sum()) for b in (2, 3, 4, 8)]
         assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize("gptq", [True, False])
+def test_row_blocks_give_the_whole_units_candidates(layer, gptq, monkeypatch):
+    """A unit quantized a block of rows at a time (as a large head is) is the unit quantized whole:
+    rows are independent given the Hessian. Outliers are shared out between blocks exactly, so the
+    plan's count and bytes hold."""
+    from mqc.analysis import candidates as cands
+    from mqc.planning.types import WeightUnit, plan_entry
+
+    weight, _, hessian = layer
+    hessian = hessian if gptq else None
+    unit = WeightUnit("w", *weight.shape, False)
+    monkeypatch.setattr(cands, "BLOCK_ELEMENTS", 5 * weight.shape[1] * 8)  # blocks of 5 rows
+    blocks = cands.row_blocks(unit, 1)
+    assert len(blocks) > 2
+    for frac in (0.0, 0.01):
+        plans = {(b, 32): plan_entry(unit, b, 32, frac) for b in (2, 4)}
+        whole = cands.make_candidates(weight, plans, hessian)
+        for choice, plan in plans.items():
+            parts = [cands.make_candidates(weight[r0:r1], {choice: plan}, hessian, block=(r0, r1))[choice] for r0, r1 in blocks]
+            joined = cands.joined(plan, unit, parts)
+            if frac == 0.0:
+                assert torch.equal(quant.dequantize(joined.weight), quant.dequantize(whole[choice].weight))
+                assert torch.allclose(joined.row_error, whole[choice].row_error)
+            else:
+                assert joined.outliers.nnz == plan.n_outliers == whole[choice].outliers.nnz
+                assert joined.weight.nbytes() + joined.outliers.nbytes() == plan.nbytes

@@ -126,10 +126,36 @@ def test_size_sweep_writes_one_artifact_per_size(tiny_dir, tmp_path, capsys):
     assert set(reports) == {"mq-5bpw", "mq-3.5bpw"}
     for name, report in reports.items():
         assert report["size"]["bpw"] <= float(name[3:-3]) and report["size"]["budget_bpw"] <= float(name[3:-3])
-    # the second size reused the first one's analysis: no candidates stage of its own
-    assert "candidates" in reports["mq-3.5bpw"]["stages"] and "candidates" not in reports["mq-5bpw"]["stages"]
+    # both sizes were planned from one analysis
+    assert reports["mq-3.5bpw"]["analysis"] == reports["mq-5bpw"]["analysis"]
+    assert "analysis.sweep" in reports["mq-5bpw"]["stages"] and reports["mq-5bpw"]["analysis"]["bytes"] > 0
     assert main(["compile", str(model_dir), "--size", "1bpw", "--out", str(tmp_path / "tiny")]) == 2
     assert "infeasible" in capsys.readouterr().err
+
+
+def test_analyze_then_compile_from_the_analysis(tiny_dir, tmp_path, capsys):
+    """`mqc analyze` once, then plans of any size from it, equal to a compile that analyses itself;
+    a flag the analysis was not made with is refused by name."""
+    model_dir, text = tiny_dir
+    common = ["--allowed-group-sizes", "32", "--search-generations", "2", "--calib-file", str(text),
+              "--calib-samples", "4", "--calib-seq-len", "32"]  # fmt: skip
+    analysis = tmp_path / "analysis"
+    assert main(["analyze", str(model_dir), "--out", str(analysis), *common]) == 0
+    assert "analysis " in capsys.readouterr().out and (analysis / "analysis.json").is_file()
+    argv = ["compile", "--analysis", str(analysis), "--size", "4bpw,5bpw", "--out", str(tmp_path / "planned")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["compile", str(model_dir), "--size", "4bpw", *common, "--out", str(tmp_path / "direct")]) == 0
+    planned = json.loads((tmp_path / "planned" / "mq-4bpw" / "report.json").read_text())
+    direct = json.loads((tmp_path / "direct" / "report.json").read_text())
+    assert [(r["qualname"], r["bits"], r["group_size"]) for r in planned["layers"]] == [
+        (r["qualname"], r["bits"], r["group_size"]) for r in direct["layers"]
+    ]
+    capsys.readouterr()
+    argv = ["compile", "--analysis", str(analysis), "--size", "4bpw", "--outliers", "0.01", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "other analysis settings" in err and "outlier_frac" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_recipe_key(tmp_path, capsys):

@@ -17,9 +17,8 @@ from mqc.bench import _static_decode, decode_benchmark
 from mqc.capture import capture
 from mqc.errors import MqcError
 from mqc.kernels import launch
+from mqc.lowering.fuse import FuseSiblings, fusable_groups, fuse_group, fuse_model
 from mqc.passes import keys
-from mqc.passes.base import PassManager
-from mqc.passes.fuse import FuseSiblings, fusable_groups, fuse_group, fuse_model
 from mqc.runtime.fused import FusedQLinear, FusedSlice
 from mqc.runtime.modules import QLinear
 
@@ -47,7 +46,9 @@ def fused_case(request):
         before = result.model(ids).logits
     ops_before = count_qlinear_ops(result.model)
     tokens = result.model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
-    PassManager([FuseSiblings()]).run(result.context)
+    groups = fusable_groups(result.model, result.analysis.shared_inputs)
+    assert groups == result.stats["fusion_groups"]  # what the compile recorded
+    fuse_model(result.model, groups)
     return result, ids, before, ops_before, tokens
 
 
@@ -79,7 +80,7 @@ def test_decode_benchmark_on_fused_model_matches_generate(fused_case):
 
 def test_qkv_and_gate_up_share_one_launch_each(fused_case):
     result, _, _, ops_before, _ = fused_case
-    groups = result.context[keys.FUSION_GROUPS]
+    groups = result.stats["fusion_groups"]
     leaves = sorted({tuple(name.rsplit(".", 1)[1] for name in group) for group in groups})
     assert leaves == [("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj")]
     assert len(groups) == 2 * result.model.config.num_hidden_layers
@@ -90,8 +91,8 @@ def test_qkv_and_gate_up_share_one_launch_each(fused_case):
 
 def test_fused_bytes_are_the_siblings_bytes(fused_case):
     result, _, _, _, _ = fused_case
-    plan = result.plan
-    for group in result.context[keys.FUSION_GROUPS]:
+    plan = result.plan.layers
+    for group in result.stats["fusion_groups"]:
         fused = result.model.get_submodule(group[0]).fused
         expected = sum(plan[name].nbytes for name in group) - 4 * (len(group) - 1)  # one CSR row-pointer array
         assert fused.nbytes() == expected
@@ -104,20 +105,20 @@ def test_fused_artifact_round_trips(fused_case, tmp_path):
     kinds = {r["kind"] for r in json.loads((tmp_path / "art" / "manifest.json").read_text())["modules"].values()}
     assert {"fused_qlinear", "fused_slice", "qlinear"} <= kinds
     model, _ = mqc.load(tmp_path / "art")
-    assert isinstance(model.get_submodule(result.context[keys.FUSION_GROUPS][0][1]), FusedSlice)
+    assert isinstance(model.get_submodule(result.stats["fusion_groups"][0][1]), FusedSlice)
     with torch.no_grad():
         assert float((model(ids).logits - before).abs().max()) <= LOGIT_ATOL
 
 
 def test_recording_pass_and_fuse_model_give_the_same_groups(tmp_path):
-    """rewrite=False records the groups and leaves every layer a QLinear; fuse_model (capturing
-    the model itself) later fuses exactly those groups, once, in memory or after loading."""
+    """The lowering records the groups (rewrite=False) and leaves every layer a QLinear;
+    fuse_model (capturing the model itself) later fuses exactly those groups, once, in memory or
+    after loading."""
     result = compiled("qwen2", outlier_frac=0.0)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = result.model(ids).logits
-    PassManager([FuseSiblings(rewrite=False)]).run(result.context)
-    recorded = result.context[keys.FUSION_GROUPS]
+    recorded = result.stats["fusion_groups"]
     assert recorded and all(type(result.model.get_submodule(n)) is QLinear for g in recorded for n in g)
     loaded, _ = mqc.load(mqc.save(result, tmp_path / "art"))
     assert fuse_model(loaded) == recorded
@@ -221,7 +222,7 @@ def test_fused_model_decodes_on_gpu_like_on_cpu():
     greedy tokens of both decode loops agree with each other, the logits with the CPU's within
     fp16 precision (5e-3 of max |logit|)."""
     result = compiled("llama")
-    PassManager([FuseSiblings()]).run(result.context)
+    fuse_model(result.model)
     prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cpu_logits = result.model(prompt).logits

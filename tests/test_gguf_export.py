@@ -17,8 +17,8 @@ from mqc.cli import main
 from mqc.errors import ArtifactError, UnsupportedModelError
 from mqc.export import export_gguf
 from mqc.export import gguf as gguf_export
-from mqc.models import load_any, tiny_config
-from mqc.passes import keys
+from mqc.models import tiny_config
+from mqc.runtime.artifact import load_any
 from mqc.recipe import CalibRecipe, Recipe
 
 VOCAB = 320  # more ids than the tokenizer's 300: the rest are [PAD<i>]
@@ -177,8 +177,8 @@ def test_tensor_names_as_llama_cpp_expects(exports, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exported_tensor_bytes_equal_the_planned_bytes(exports, family):
     compiled, _, result, reader = exports(family)
-    size = compiled.context[keys.MODEL_SIZE]  # computed by the compile, on the float model
-    planned = size.total_bytes(sum(entry.nbytes for entry in compiled.plan.values()))
+    size = compiled.plan.size  # computed by the compile, on the float model
+    planned = size.total_bytes(sum(entry.nbytes for entry in compiled.plan.layers.values()))
     assert sum(int(t.n_bytes) for t in reader.tensors) == planned == result.tensor_bytes
     assert result.n_params == size.n_params
     assert result.bpw == pytest.approx(size.bpw(planned - size.fixed_bytes))
@@ -241,14 +241,14 @@ def test_k_quants_and_the_command_line(tmp_path, capsys):
     types = {t.tensor_type.name for t in reader.tensors}
     assert types & {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
     assert field(reader, "tokenizer.ggml.model") == "none" and field(reader, "llama.vocab_size") == 512
-    size = compiled.context[keys.MODEL_SIZE]
-    assert sum(int(t.n_bytes) for t in reader.tensors) == size.total_bytes(sum(e.nbytes for e in compiled.plan.values()))
+    size = compiled.plan.size
+    assert sum(int(t.n_bytes) for t in reader.tensors) == size.total_bytes(sum(e.nbytes for e in compiled.plan.layers.values()))
     lm_head = compiled.model.lm_head
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     np.testing.assert_array_equal(np.asarray(embd.data).reshape(lm_head.blocks.shape), lm_head.blocks.numpy())
 
     assert main(["export", str(art), "--gguf", str(out), "--force", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["tensor_bytes"] == size.total_bytes(sum(e.nbytes for e in compiled.plan.values()))
+    assert json.loads(capsys.readouterr().out)["tensor_bytes"] == size.total_bytes(sum(e.nbytes for e in compiled.plan.layers.values()))
     assert main(["export", str(art), "--gguf", str(out)]) == 2  # exists, no --force
     err = capsys.readouterr().err.strip()
     assert err.startswith("mqc: error:") and "--force" in err and "\n" not in err

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import mqc
 from mqc import quant_ggml
 from mqc.errors import RecipeError
-from mqc.passes import keys
 from mqc.recipe import CalibRecipe, Recipe
 from mqc.runtime.modules import GgmlLinear, QEmbedding
 from mqc.size import parse_size
@@ -41,7 +40,7 @@ def compiled(model):
 
 
 def test_plan_fits_rows_and_the_whole_model_budget(compiled):
-    plan, size = compiled.plan, compiled.context[keys.MODEL_SIZE]
+    plan, size = compiled.plan.layers, compiled.plan.size
     assert all(quant_ggml.fits(e.fmt, e.in_features) for e in plan.values())
     assert all(e.fmt not in K_QUANTS for n, e in plan.items() if n.endswith("down_proj"))
     assert any(e.fmt in K_QUANTS for e in plan.values())  # the 256-wide rows do use them
@@ -53,15 +52,15 @@ def test_plan_fits_rows_and_the_whole_model_budget(compiled):
 
 
 def test_lowered_model_holds_the_priced_candidates(compiled):
-    table = compiled.context[keys.CANDIDATES]
+    table = compiled.analysis.candidates
     model = compiled.model
-    for name, entry in compiled.plan.items():
+    for name, entry in compiled.plan.layers.items():
         module = model.get_submodule(name)
         if entry.fmt == quant_ggml.F16:
             assert isinstance(module, torch.nn.Linear)
             continue
         assert isinstance(module, GgmlLinear) and module.fmt == entry.fmt
-        assert torch.equal(module.blocks, table.units[name][entry.fmt].weight.blocks)
+        assert torch.equal(module.blocks, table.candidate(name, entry.fmt).weight.blocks)
         assert module.blocks.numel() == entry.nbytes
     assert isinstance(model.model.embed_tokens, QEmbedding) and model.model.embed_tokens.table is model.lm_head
     ids = torch.tensor([[3, 7, 11]])
@@ -71,7 +70,7 @@ def test_lowered_model_holds_the_priced_candidates(compiled):
 
 def test_gguf_types_restrict_the_choices(model):
     c = _compile(model, size="6bpw", gguf_types=("Q4_0", "Q8_0"))
-    assert {e.fmt for e in c.plan.values()} <= {"Q4_0", "Q8_0"}
+    assert {e.fmt for e in c.plan.layers.values()} <= {"Q4_0", "Q8_0"}
 
 
 def test_infeasible_size_names_the_smallest(model):

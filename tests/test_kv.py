@@ -9,8 +9,8 @@ import mqc
 import mqc.runtime.kv  # registers the attention until mqc.runtime imports it
 from mqc import quant
 from mqc.errors import DataError, InfeasibleBudgetError, RecipeError, UnsupportedModelError
+from mqc.lowering.kv_lowrank import Factorization, attention_output_errors, balance, relative_error, train_factors
 from mqc.passes import keys
-from mqc.passes.kv_lowrank import Factorization, attention_output_errors, balance, relative_error, train_factors
 from mqc.report import build_report, summary_lines
 from mqc.runtime.kv import KVSettings, LowRankKVCache, Sections, kv_accounting
 
@@ -155,11 +155,13 @@ def test_sink_tokens_reach_the_cache_and_the_report():
 
 
 def test_training_or_budget_draws_calibration_even_for_plain_svd():
+    from mqc.analysis.settings import AnalysisSettings
+
     for kv in (mqc.KVRecipe(method="svd", train_steps=2), mqc.KVRecipe(method="svd", budget_frac=0.5)):
-        assert mqc.api.needs_calibration(mqc.Recipe(bits=16, kv=kv))
+        assert AnalysisSettings.of(mqc.Recipe(bits=16, kv=kv)).calib is not None
         with pytest.raises(DataError, match="needs calibration data"):
             mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(bits=16, kv=kv), progress=False)
-    assert not mqc.api.needs_calibration(mqc.Recipe(bits=16, kv=mqc.KVRecipe(method="svd")))
+    assert AnalysisSettings.of(mqc.Recipe(bits=16, kv=mqc.KVRecipe(method="svd"))).calib is None
 
 
 def test_accounting_counts_stored_bytes(low_rank_4bit):
@@ -181,10 +183,10 @@ def test_accounting_counts_stored_bytes(low_rank_4bit):
 
 def test_kv_plan_records_ranks_and_errors(low_rank_4bit):
     _, result = low_rank_4bit
-    plan = result.context[keys.KV_PLAN]
+    plan = result.results[keys.KV_PLAN]
     assert sorted(plan) == [0, 1]
     assert all(0.0 < p.spectral_error < 1.0 and p.rank == 12 for layer in plan.values() for p in (layer.k, layer.v))
-    assert len(result.context[keys.KV_REWRITTEN]) == 4
+    assert len(result.results[keys.KV_REWRITTEN]) == 4
 
 
 def test_budget_allocation_fits_and_is_infeasible_below_minimum():

@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 import mqc
 from mqc import quant
-from mqc.errors import InfeasibleBudgetError, RecipeError, UnsupportedModelError
+from mqc.analysis.kv_costs import interpolated_positions, measure_costs
+from mqc.errors import AnalysisError, InfeasibleBudgetError, RecipeError, UnsupportedModelError
 from mqc.models import tiny_config
 from mqc.passes import keys
-from mqc.passes.kv_quant import PAIRS, KVCosts, allocate, base_settings, interpolated_positions
+from mqc.planning.kv import PAIRS, KVCosts, allocate_kv, base_settings
 from mqc.runtime.kv import QuantKVCache, QuantKVSettings, install, kv_accounting, quant_cache_bytes
+from mqc.stream.stack import LayerStack
 
 CALIB = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -259,9 +261,9 @@ def test_allocation_is_the_exact_optimum_within_the_budget(frac, seed, lower):
     fitting = [c for c in itertools.product(PAIRS, repeat=layers) if fraction(c) <= frac]
     if not fitting:
         with pytest.raises(InfeasibleBudgetError):
-            allocate(costs, kv, config)
+            allocate_kv(costs, kv, config)
         return
-    s = allocate(costs, kv, config)
+    s = allocate_kv(costs, kv, config)
     chosen = tuple(zip(s.k_bits, s.v_bits))
     assert fraction(chosen) <= frac
     assert cost(chosen) <= min(cost(c) for c in fitting) + 1e-9
@@ -271,7 +273,7 @@ def test_pm_kvq_compile_measures_costs_and_fits():
     model = mqc.tiny_model("llama")
     kv = mqc.KVQuantRecipe(budget_frac=0.5, context=512, group=8, value_group=8, window=8, sinks=2)
     compiled = mqc.compile(model, mqc.Recipe(method="rtn", bits=16, kv_quant=kv), calib=CALIB, progress=False)
-    plan, costs = compiled.context[keys.KV_QUANT_PLAN], compiled.context[keys.KV_COSTS]
+    plan, costs = compiled.results[keys.KV_QUANT_PLAN], compiled.analysis.kv_costs
     assert plan["at_context"]["kv_fraction"] <= 0.5
     for table in (*costs.key, *costs.value):
         assert table[16] == 0.0 and table[2] >= table[4] >= table[8] >= 0.0
@@ -295,12 +297,12 @@ def joint():
 def test_joint_budget_holds_weights_and_kv(joint):
     from mqc.report import build_report, summary_lines
 
-    split = joint.context[keys.JOINT_SPLIT]
-    kv = quant_cache_bytes(joint.context[keys.KV_CHOICE], joint.model.config, 2048)["cache_bytes_after"]
+    split, choice = joint.plan.joint, joint.plan.kv
+    kv = quant_cache_bytes(choice, joint.model.config, 2048)["cache_bytes_after"]
     weights = joint.model_bytes
     assert split["kv_bytes"] == kv and weights + kv <= 800_000 == split["memory_bytes"]
-    assert min(joint.context[keys.KV_CHOICE].k_bits) < 16  # the budget forced the cache below fp16
-    assert tuple(joint.model.config.mqc_kv["k_bits"]) == joint.context[keys.KV_CHOICE].k_bits
+    assert min(choice.k_bits) < 16  # the budget forced the cache below fp16
+    assert tuple(joint.model.config.mqc_kv["k_bits"]) == choice.k_bits
     assert {r["kv_bits"] for r in split["fixed_kv"]} == {2, 4, 8, 16}
     fitting = [r["predicted_cost"] for r in split["fixed_kv"] if r["predicted_cost"] is not None]
     assert split["predicted_cost"] <= min(fitting) + 1e-12  # the joint optimum includes every fixed split
@@ -343,12 +345,30 @@ def test_exports_refuse_the_quantized_cache(tmp_path):
         mqc.Recipe(method="mq", target="gguf", kv_quant=mqc.KVQuantRecipe(bits=4))
 
 
-def test_joint_sweep_reuses_the_analysis(joint):
+def test_joint_sweep_plans_from_one_analysis(joint):
+    """Another memory from the same analysis: no second measurement of the KV costs; another
+    context needs another analysis (the costs are measured at the context)."""
     recipe = mqc.Recipe(method="mq", memory="1MB", kv_quant=JOINT_KV, search="none")
-    again = mqc.compile(mqc.tiny_model("llama"), recipe, progress=False, reuse=joint)
-    assert again.context[keys.KV_COSTS] is joint.context[keys.KV_COSTS]  # not measured twice
-    assert "kv_costs" not in again.context.timings
-    assert again.context[keys.JOINT_SPLIT]["predicted_cost"] <= joint.context[keys.JOINT_SPLIT]["predicted_cost"]
+    again = mqc.plan(joint.analysis, recipe, progress=False)
+    assert again.joint["predicted_cost"] <= joint.plan.joint["predicted_cost"]
     other = dataclasses.replace(JOINT_KV, context=1024)
-    third = mqc.compile(mqc.tiny_model("llama"), dataclasses.replace(recipe, kv_quant=other), progress=False, reuse=joint)
-    assert third.context[keys.KV_COSTS] is not joint.context[keys.KV_COSTS]  # another context: measured again
+    with pytest.raises(AnalysisError, match="kv_costs.context"):
+        mqc.plan(joint.analysis, dataclasses.replace(recipe, kv_quant=other))
+
+
+@pytest.mark.parametrize("recipe", [
+    mqc.Recipe(method="mq", size="6bpw", kv_quant=dataclasses.replace(JOINT_KV, budget_frac=0.5), search="none"),
+    mqc.Recipe(method="mq", memory="0.8MB", kv_quant=JOINT_KV, search="none"),
+    mqc.Recipe(bits=4, group_size=32, kv_quant=dataclasses.replace(JOINT_KV, budget_frac=0.5)),
+])  # fmt: skip
+def test_kv_costs_are_measured_on_the_float_model(recipe, tmp_path):
+    """Whatever the weights become (PM-KVQ beside mq weights, a joint budget, uniform weights), the
+    KV costs are those of the float model: facts about the model that a size sweep reuses. (They
+    were once measured on the quantized weights with --kv-mixed and on float ones with --memory.)"""
+    model = mqc.tiny_model("llama")
+    compiled = mqc.compile(model, recipe, calib=CALIB, progress=False, analysis=tmp_path / "a")
+    float_stack = LayerStack(mqc.tiny_model("llama"))
+    expected = measure_costs(float_stack, CALIB[: JOINT_KV.cost_samples], JOINT_KV, progress=False)
+    flat = lambda costs: [t[b] for t in (*costs.key, *costs.value) for b in (2, 4, 8, 16)]  # noqa: E731
+    assert max(flat(expected)) > 0
+    assert flat(compiled.analysis.kv_costs) == pytest.approx(flat(expected), rel=1e-5, abs=1e-12)

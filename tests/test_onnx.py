@@ -244,26 +244,26 @@ def test_planned_bytes_are_deployed_bytes(tmp_path, family, recipe):
     3-bit, which the ONNX file stores as 4-bit."""
     model = tiny(family, head_dim=32)
     on_onnx = compiled(copy.deepcopy(model), target="onnx", **recipe)
-    assert all(e.target == "onnx" for e in on_onnx.plan.values())
+    assert all(e.target == "onnx" for e in on_onnx.plan.layers.values())
     out = export_onnx(on_onnx, None, tmp_path / "onnx", planned_bytes=on_onnx.model_bytes)
     config = json.loads((out / "mqc_onnx.json").read_text())
     assert config["model_tensor_bytes"] == on_onnx.model_bytes
     assert 0 < config["derived_bytes"] < sum(config["bytes"].values())
     n_params = sum(p.numel() for p in model.parameters())
     if recipe.get("method") == "mq":  # 3 bits are not offered on onnx; the budget holds in ONNX bytes
-        assert all(e.bits != 3 for e in on_onnx.plan.values()) and on_onnx.model_bytes <= 5 * n_params / 8
+        assert all(e.bits != 3 for e in on_onnx.plan.layers.values()) and on_onnx.model_bytes <= 5 * n_params / 8
         # siblings share one format, so every q/k/v and gate/up pair is one MatMulNBits node
-        formats = {n: (e.bits, e.group_size) for n, e in on_onnx.plan.items()}
+        formats = {n: (e.bits, e.group_size) for n, e in on_onnx.plan.layers.items()}
         for layer in range(model.config.num_hidden_layers):
             prefix = f"model.layers.{layer}."
             assert len({formats[prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
             assert formats[prefix + "mlp.gate_proj"] == formats[prefix + "mlp.up_proj"]
         nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
-        quantized = [e for e in on_onnx.plan.values() if e.bits != 16]
-        if len(quantized) == len(on_onnx.plan):
+        quantized = [e for e in on_onnx.plan.layers.values() if e.bits != 16]
+        if len(quantized) == len(on_onnx.plan.layers):
             assert sum(n.op_type == "MatMulNBits" for n in nodes) == 4 * model.config.num_hidden_layers + 1
     on_torch = compiled(copy.deepcopy(model), **recipe)
-    has_3bit = any(e.bits == 3 for e in on_torch.plan.values())
+    has_3bit = any(e.bits == 3 for e in on_torch.plan.layers.values())
     if recipe.get("method") != "mq":
         assert has_3bit and on_torch.model_bytes < on_onnx.model_bytes
     with pytest.raises(RuntimeError, match="!= planned") if has_3bit else contextlib.nullcontext():

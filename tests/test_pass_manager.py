@@ -1,15 +1,15 @@
 """PassManager: orders passes by their contracts, refuses cycles and unproduced requirements,
-checks each pass kept its promise, and times every pass. Also the real default pipeline."""
+checks each pass kept its promise, and times every pass. Also the real analysis and lowering
+pipelines: their contracts alone order them."""
 
 import time
 
 import pytest
-import torch
 
 import mqc
 from mqc.errors import PassContractError
 from mqc.passes import keys
-from mqc.passes.base import CompileContext, Pass, PassManager, PassResult
+from mqc.passes.base import Context, Pass, PassManager, PassResult
 
 
 def make_pass(name: str, requires=(), produces=(), writes=None, removes=(), sleep: float = 0.0) -> Pass:
@@ -29,8 +29,8 @@ def make_pass(name: str, requires=(), produces=(), writes=None, removes=(), slee
     return cls()
 
 
-def context(**results) -> CompileContext:
-    ctx = CompileContext(model=torch.nn.Identity(), recipe=mqc.Recipe(), progress=False)
+def context(**results) -> Context:
+    ctx = Context(progress=False)
     ctx.results.update(results)
     return ctx
 
@@ -108,28 +108,68 @@ def test_timings_recorded():
     assert ctx.timings["slow"] >= 0.05 and 0.0 <= ctx.timings["fast"] < ctx.timings["slow"]
 
 
-@pytest.mark.parametrize(
-    "recipe",
-    [mqc.Recipe(bits=4, group_size=32), mqc.Recipe(bits=3, group_size=32, outlier_frac=0.01),
-     mqc.Recipe(method="mq", bits=3.0, group_size=32)],
-)
-def test_default_pipeline_contracts_are_satisfiable(recipe):
-    """Every pass of a real pipeline has its requirements produced earlier or seeded by compile."""
-    seeded = {keys.GRAPH, keys.CALIB}
-    order = PassManager(mqc.default_pipeline(recipe)).ordered(seeded)
-    available = set(seeded)
+RECIPES = [
+    mqc.Recipe(bits=4, group_size=32),
+    mqc.Recipe(bits=3, group_size=32, outlier_frac=0.01),
+    mqc.Recipe(bits=4, group_size=32, quantizer="gptq"),
+    mqc.Recipe(method="mq", bits=3.0, group_size=32),
+    mqc.Recipe(method="mq", size="4bpw", sensitivity="fisher"),
+    mqc.Recipe(method="mq", size="4bpw", kv_quant=mqc.KVQuantRecipe(budget_frac=0.5)),
+    mqc.Recipe(method="mq", size="4bpw", kv=mqc.KVRecipe(rank=0.5, train_steps=1)),
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_analysis_pipelines_are_ordered_by_their_contracts(recipe):
+    """Given in reverse, an analysis pipeline still runs every requirement's producer first."""
+    from mqc.analysis import pipeline
+    from mqc.analysis.settings import AnalysisSettings
+
+    passes = pipeline(AnalysisSettings.of(recipe))
+    order = PassManager(list(reversed(passes))).ordered({keys.GRAPH})
+    available = {keys.GRAPH}
     for p in order:
         assert set(p.requires) <= available, p.name
         available |= set(p.produces)
-    assert keys.BIT_PLAN in available and keys.QUANTIZED in available
+    assert keys.UNITS in available
+    if recipe.method == "mq":
+        assert keys.COSTS in available
 
 
-def test_a_pass_runs_alone_on_a_seeded_context(zoo):
-    """SelectUnits needs only the graph: usable from Python without the manager."""
-    from mqc.passes.units import SelectUnits
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_lowering_pipelines_change_the_model_by_contract(recipe):
+    """Every lowering pass that rewrites attention or records fusion requires the lowered weights:
+    no order holds by list position."""
+    from types import SimpleNamespace
+
+    from mqc.analysis.settings import AnalysisSettings
+    from mqc.lowering import pipeline
+
+    plan = SimpleNamespace(recipe=recipe, kv=object() if recipe.kv_quant is not None else None)
+    passes = pipeline(plan, SimpleNamespace(settings=AnalysisSettings.of(recipe)))
+    order = PassManager(list(reversed(passes))).ordered({keys.PLAN, keys.CALIB, keys.ACT_STATS})
+    assert order[0].produces == (keys.WEIGHTS_LOWERED,)
+    for p in order[1:]:
+        assert keys.WEIGHTS_LOWERED in p.requires, p.name
+    kv_rewrite = [p for p in order if keys.KV_REWRITTEN in p.produces]
+    fuse = next(p for p in order if keys.FUSION_GROUPS in p.produces)
+    assert (keys.KV_REWRITTEN in fuse.requires) == bool(kv_rewrite)
+
+
+def test_a_pass_runs_alone_on_a_seeded_context(zoo, tmp_path):
+    """SelectUnits needs only the graph (and a directory for its product): usable from Python
+    without the manager."""
+    from mqc.analysis.context import AnalysisContext
+    from mqc.analysis.settings import AnalysisSettings
+    from mqc.analysis.store import AnalysisStore
+    from mqc.analysis.units import SelectUnits
+    from mqc.stream.stack import LayerStack
 
     model = zoo.pristine("llama")
-    ctx = CompileContext(model=model, recipe=mqc.Recipe(bits=4, group_size=32), progress=False)
+    settings = AnalysisSettings.of(mqc.Recipe(bits=4, group_size=32))
+    store = AnalysisStore.create(tmp_path / "analysis", {})
+    ctx = AnalysisContext(stack=LayerStack(model), settings=settings, store=store, progress=False)
     ctx.results[keys.GRAPH] = zoo.graph("llama")
-    SelectUnits().run(ctx)
+    SelectUnits().analyze(ctx)
     assert set(ctx[keys.UNITS]) == set(zoo.graph("llama").linears) - {"lm_head"}
+    assert {u["qualname"] for u in store.manifest["units"]} == set(ctx[keys.UNITS])

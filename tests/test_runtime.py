@@ -132,18 +132,21 @@ def test_tied_qembedding_references_the_head():
 # the uniform pipeline end to end
 # --------------------------------------------------------------------------------------------
 def reference_model(pristine, compiled):
-    """The pristine model with each planned weight fake-quantized, other float tensors in fp16."""
+    """The pristine model with each planned weight fake-quantized, other float tensors in fp16;
+    outliers where their score (rounding error x input energy) is largest."""
     ref = copy.deepcopy(pristine)
-    ctx = compiled.context
-    units, masks = ctx[keys.UNITS], ctx.results.get(keys.OUTLIER_MASKS, {})
+    units, energy = compiled.analysis.units, compiled.analysis.act_stats()
     with torch.no_grad():
         for tensor in ref.state_dict().values():
             if tensor.dtype == torch.float32:
                 tensor.copy_(tensor.half().float())
-        for name, entry in compiled.plan.items():
+        for name, entry in compiled.plan.layers.items():
             unit = units[name]
-            fake = quant.fake_quantize(unit.weight(pristine), entry.bits, entry.group_size, masks.get(name))
-            ref.get_submodule(name).weight.copy_(fake.T if unit.transposed else fake)
+            weight = unit.oriented(pristine.get_submodule(name).weight.detach())
+            approx = quant.fake_quantize(weight, entry.bits, entry.group_size)
+            mask = quant.outlier_mask(weight, approx, entry.n_outliers, energy.get(name), entry.outliers_per_row)
+            fake = quant.fake_quantize(weight, entry.bits, entry.group_size, mask)
+            ref.get_submodule(name).weight.copy_(unit.stored(fake))
     return ref
 
 
@@ -185,8 +188,8 @@ def test_uniform_compile_swaps_every_linear_but_the_head(zoo, compiled, token_id
     result = compiled(family, bits)
     model = result.model
     swapped = {n for n, m in model.named_modules() if isinstance(m, QLinear)}
-    assert swapped == weight_modules(pristine) - {"lm_head"} == set(result.context[keys.QUANTIZED]) == set(result.plan)
-    assert all((e.bits, e.group_size, e.n_outliers) == (bits, 32, 0) for e in result.plan.values())
+    assert swapped == weight_modules(pristine) - {"lm_head"} == set(result.results[keys.WEIGHTS_LOWERED]) == set(result.plan.layers)
+    assert all((e.bits, e.group_size, e.n_outliers) == (bits, 32, 0) for e in result.plan.layers.values())
     # lm_head and the embeddings are untouched by default (only rounded to fp16, as stored)
     assert type(model.lm_head) is type(pristine.lm_head)
     assert type(model.get_input_embeddings()) is type(pristine.get_input_embeddings())
@@ -251,7 +254,7 @@ def test_untied_embedding_with_outliers_owns_its_table(zoo, compiled, token_ids)
     assert isinstance(embedding, QEmbedding) and embedding.tied_to is None
     assert embedding.table is not model.lm_head and embedding.table.n_outliers > 0
     assert {"model.embed_tokens.table.qweight", "model.embed_tokens.table.outlier_values"} <= set(model.state_dict())
-    assert set(result.plan) == weight_modules(pristine) | {"model.embed_tokens"}
+    assert set(result.plan.layers) == weight_modules(pristine) | {"model.embed_tokens"}
     assert torch.equal(embedding(token_ids), embedding.table.dense_weight()[token_ids])
     torch.testing.assert_close(logits(model, token_ids), logits(reference_model(pristine, result), token_ids),
                                rtol=1e-4, atol=1e-4)  # fmt: skip

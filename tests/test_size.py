@@ -5,10 +5,8 @@ import torch
 
 import mqc
 from mqc.errors import RecipeError
-from mqc.passes import keys
-from mqc.passes.units import plan_bytes
 from mqc.runtime.artifact import TENSORS, tensor_data_bytes
-from mqc.size import Size, model_size, parse_size
+from mqc.size import Size, inventory, model_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -45,14 +43,19 @@ def test_recipe_size_rules():
         mqc.Recipe(method="mq", size="three bits")
 
 
-def test_model_size_counts_tied_tensors_once():
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_model_size_counts_tied_tensors_once(on_meta):
+    """Sized from the inventory of a model in memory or of its skeleton on meta: the same."""
+    from mqc.stream.skeleton import build_skeleton
+
     model = mqc.tiny_model("llama")  # tied embedding / lm_head
     n_params = sum(p.numel() for p in model.parameters())
     everything = sum(t.numel() for t in {p.data_ptr(): p for p in model.state_dict().values()}.values())
-    assert model_size(model, set()) .n_params == n_params
-    assert model_size(model, set()).fixed_bytes == 2 * everything  # all in fp16, the tied table once
+    tensors = inventory(build_skeleton(model.config) if on_meta else model)
+    assert model_size(tensors, set()).n_params == n_params
+    assert model_size(tensors, set()).fixed_bytes == 2 * everything  # all in fp16, the tied table once
     head = model.lm_head.weight.numel()
-    assert model_size(model, {"lm_head"}).fixed_bytes == 2 * (everything - head)  # under either name
+    assert model_size(tensors, {"lm_head"}).fixed_bytes == 2 * (everything - head)  # under either name
 
 
 @pytest.mark.parametrize("recipe", [
@@ -62,8 +65,7 @@ def test_model_size_counts_tied_tensors_once():
 def test_whole_model_size_equals_bytes_on_disk(tmp_path, recipe):
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     compiled = mqc.compile(mqc.tiny_model("llama"), recipe, calib=calib, progress=False)
-    size = compiled.context[keys.MODEL_SIZE]
     out = mqc.save(compiled, tmp_path / "a")
-    assert tensor_data_bytes(out / TENSORS) == size.total_bytes(plan_bytes(compiled.plan))
+    assert tensor_data_bytes(out / TENSORS) == compiled.model_bytes
     if recipe.size:
-        assert size.bpw(plan_bytes(compiled.plan)) <= 5.0
+        assert compiled.plan.bpw <= 5.0

@@ -24,7 +24,8 @@ __all__ = ["SUITES", "EvalResult", "Suite", "evaluate"]
 def _load(spec) -> tuple[torch.nn.Module, object, str | None, bool]:
     """(model, tokenizer, recorded source, is compressed) of a model spec: an artifact, an ONNX
     export (scored through onnxruntime), or a plain model."""
-    from mqc.models import load_any, resolve_model_dir
+    from mqc.models import resolve_model_dir
+    from mqc.runtime.artifact import load_any
 
     onnx_config = Path(spec) / "mqc_onnx.json"
     if onnx_config.is_file():

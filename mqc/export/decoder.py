@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from mqc.errors import UnsupportedModelError
+from mqc.export.cache_state import BATCH, PAST, SEQ, TOTAL, CacheState, sliding_window
 from mqc.export.attention import HeadShape, causal_bias, heads, new_positions, rope, sdpa
 from mqc.export.embedding import emit_embedding
 from mqc.export.graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, WeightStore, to_numpy
@@ -48,9 +49,6 @@ GQA_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel needs head sizes that
 # AVX-512 VNNI Xeon, onnxruntime 1.32). One row (decode) is 2.3x to 3x faster with int8 at all
 # group sizes, so the decode graph keeps the export's level everywhere.
 PREFILL_INT8_MIN_GROUP = 128
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-
-
 @dataclass(frozen=True)
 class DecoderSpec:
     """The shape facts the graphs need, from the model's config."""
@@ -100,15 +98,6 @@ def rotary_tables(model: torch.nn.Module, spec: DecoderSpec) -> tuple[torch.Tens
     return cos[0, :, :half].float(), sin[0, :, :half].float()
 
 
-def sliding_window(model: torch.nn.Module, attention: torch.nn.Module) -> int | None:
-    """The layer's sliding window in Hugging Face's sense (a query sees key ``k`` when
-    ``q - k < window``), or None for full attention. ``GroupQueryAttention``'s
-    ``local_window_size`` has the same meaning (checked by the parity tests)."""
-    if hasattr(attention, "sliding_window"):
-        return attention.sliding_window
-    return getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
-
-
 def table_name(model: torch.nn.Module) -> str:
     """The stored name of the embedding table: ``lm_head``'s when the two share one tensor."""
     embed, head = model.model.embed_tokens, model.get_output_embeddings()
@@ -124,17 +113,6 @@ def rms_norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
     mean_square = g.op("ReduceMean", [g.op("Pow", [x, g.const(2.0, dtype="float32")]), g.const([-1])], keepdims=1)
     denominator = g.op("Sqrt", [g.op("Add", [mean_square, g.const(eps, dtype="float32")])])
     return g.op("Mul", [g.op("Div", [x, denominator]), gamma])
-
-
-@dataclass(frozen=True)
-class CacheState:
-    """One tensor of the cache a decode step carries: ``past_key_values.{name}`` in,
-    ``present.{name}`` out."""
-
-    name: str
-    past_shape: list[int | str]
-    present_shape: list[int | str]
-    elem_type: int = FLOAT
 
 
 @dataclass(frozen=True)

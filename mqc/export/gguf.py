@@ -47,7 +47,7 @@ itself does. An artifact saved without a tokenizer gets llama.cpp's ``none`` voc
 ids in, logits out).
 
 Bytes: the tensor data written equals the plan's whole-model bytes (each planned unit's
-:attr:`~mqc.passes.units.LayerPlan.nbytes` plus every other tensor as
+:attr:`~mqc.planning.types.LayerPlan.nbytes` plus every other tensor as
 :func:`mqc.size.model_size` counts it for a GGUF file); the file is read back and checked before
 it replaces anything. Derived tensors that are no model parameter (``rope_freqs``) are apart.
 
@@ -76,11 +76,11 @@ from transformers import AutoConfig
 from mqc import quant_ggml
 from mqc.atomic import check_replaceable, replaced_file
 from mqc.errors import ArtifactError, UnsupportedModelError
-from mqc.models import check_config_file, load_any, resolve_model_dir
-from mqc.passes.units import LayerPlan
-from mqc.runtime.artifact import MANIFEST, read_manifest
+from mqc.models import check_config_file, resolve_model_dir
+from mqc.planning.types import LayerPlan
+from mqc.runtime.artifact import MANIFEST, load_any, read_manifest
 from mqc.runtime.modules import GgmlLinear, QEmbedding
-from mqc.size import model_size
+from mqc.size import inventory, model_size
 
 WHAT = "a GGUF file written by mqc"
 MARKER = "mqc"  # general.quantized_by of every file written here: what --force may replace
@@ -196,7 +196,7 @@ def export_gguf(source: str | os.PathLike | None, out_file: str | os.PathLike, *
 def planned_bytes(model: torch.nn.Module, plan: list) -> int:
     """The plan's whole-model bytes: its units' bytes plus every other tensor as
     :func:`mqc.size.model_size` counts it in a GGUF file."""
-    fixed = model_size(model, {entry.qualname for entry in plan}, gguf=True).fixed_bytes
+    fixed = model_size(inventory(model), {entry.qualname for entry in plan}, gguf=True).fixed_bytes
     # model_size knows a unit by its float weight; a GgmlLinear unit holds ``blocks`` instead,
     # which its plan entry already prices
     blocks = sum(m.blocks.numel() for m in model.modules() if isinstance(m, GgmlLinear))

@@ -28,14 +28,19 @@ be unpadded (equal-length prompts).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from mqc.errors import UnsupportedModelError
 from mqc.export.attention import HeadShape, causal_bias, heads, sdpa
-from mqc.export.decoder import BATCH, PAST, SEQ, TOTAL, CacheState, DecoderGraph, sliding_window
+from mqc.export.cache_state import BATCH, PAST, SEQ, TOTAL, CacheState, sliding_window
 from mqc.export.graph import FLOAT, FLOAT16
 from mqc.export.linear import LinearParts, fuse, linear_parts
 from mqc.runtime.kv import KVSettings
+
+if TYPE_CHECKING:  # the decoder graph calls this module; this module only names its type
+    from mqc.export.decoder import DecoderGraph
 
 INT64_MAX = torch.iinfo(torch.int64).max
 

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import torch
 
-from mqc import __version__
+from mqc.version import __version__
 from mqc.atomic import check_replaceable, replaced_dir
 from mqc.errors import ArtifactError, DataError, MqcError, UnsupportedModelError
 from mqc.export.decoder import DecoderGraph, DecoderSpec

@@ -3,8 +3,14 @@
 Modelled on ``torch.fx.passes.infra``: a pass states the context keys it ``requires`` and
 ``produces``; :class:`PassManager` orders passes so every requirement is produced first
 (networkx topological sort, a cycle is an error), checks each contract before and after the
-pass runs, and times every pass. A pass can be run alone on a context that already holds its
-requirements, which is how the tests exercise each one.
+pass runs, and times every pass. A pass that changes the model (swaps modules, rounds weights,
+installs a cache) says so in what it produces (``keys.WEIGHTS_LOWERED``, ``keys.KV_REWRITTEN``),
+and one that must come after such a change requires it, so no order holds by list position.
+
+The two phases that run passes have their own contexts: the analysis
+(:class:`mqc.analysis.context.AnalysisContext`: a streamed float model and the analysis
+directory) and the lowering (:class:`mqc.lowering.context.LoweringContext`: the model being built).
+A pass can be run alone on a context that already holds its requirements.
 """
 
 from __future__ import annotations
@@ -16,18 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import networkx as nx
-import torch
 
 from mqc.errors import PassContractError
-from mqc.recipe import Recipe
 
 
 @dataclass
-class CompileContext:
-    """Everything a pipeline reads and writes: the model being rewritten and keyed results."""
+class Context:
+    """What a pipeline reads and writes: keyed results, and the time and memory of every pass."""
 
-    model: torch.nn.Module
-    recipe: Recipe
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # process peak after each pass
@@ -52,7 +54,7 @@ class Pass(ABC):
     produces: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def run(self, ctx: CompileContext) -> PassResult: ...
+    def run(self, ctx: Context) -> PassResult: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -91,7 +93,7 @@ class PassManager:
             raise PassContractError(f"passes form a cycle: {names}") from None
         return [self.passes[i] for i in order]
 
-    def run(self, ctx: CompileContext) -> dict[str, PassResult]:
+    def run(self, ctx: Context) -> dict[str, PassResult]:
         results: dict[str, PassResult] = {}
         producer_of = {key: p.name for p in self.passes for key in p.produces}
         for p in self.ordered(set(ctx.results)):
@@ -103,7 +105,7 @@ class PassManager:
                 )
             start = time.perf_counter()
             results[p.name] = p.run(ctx)
-            ctx.timings[p.name] = time.perf_counter() - start
+            ctx.timings[p.name] = ctx.timings.get(p.name, 0.0) + time.perf_counter() - start
             ctx.peak_rss_mib[p.name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             absent = [k for k in p.produces if k not in ctx]
             if absent:

@@ -17,11 +17,10 @@ stored once and listed under ``aliases``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from mqc import __version__
+from mqc.version import __version__
 from mqc.atomic import replaced_dir
 from mqc.errors import ArtifactError
-from mqc.models import model_source
+from mqc.models import load_hf_model, model_source, resolve_model_dir
 from mqc.runtime.modules import RUNTIME_MODULES
+from mqc.stream.skeleton import parameters_on_meta
 
 FORMAT = "mqc-artifact"
 FORMAT_VERSION = 1
@@ -94,9 +94,7 @@ def save(compiled, out_dir: str | os.PathLike, force: bool = False, extra: dict[
         model.config.save_pretrained(tmp)
         if compiled.tokenizer is not None:
             compiled.tokenizer.save_pretrained(tmp)
-        plan = [
-            {**vars(entry), "bytes": entry.nbytes} for entry in compiled.plan.values()
-        ]
+        plan = [{**vars(entry), "bytes": entry.nbytes} for entry in compiled.plan.layers.values()]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -185,7 +183,7 @@ def load(path: str | os.PathLike, deploy_cpu: bool = False):
 def _build(root: Path, manifest: dict[str, Any], keep_half: bool):
     """(model, tokenizer) of the artifact at ``root``; ``keep_half``: see :func:`load`."""
     config = _read_part(root, "config.json", lambda: AutoConfig.from_pretrained(root, local_files_only=True))
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=manifest["attn_implementation"])
     model = model.float().eval()
     # Owned modules first: a tied embedding refers to the module that owns its table.
@@ -241,25 +239,6 @@ def _build(root: Path, manifest: dict[str, Any], keep_half: bool):
     return model, tokenizer
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build a model without memory for its parameters (the artifact's tensors are assigned to it
-    afterwards; allocating the float model first would make loading a 3-bit model need the fp32
-    model's memory). Buffers stay real: rotary tables are computed at construction, not stored."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
 def _read_part(root: Path, what: str, read: Callable[[], Any]) -> Any:
     """``read()``, with transformers' errors for missing or broken files turned into ArtifactError."""
     try:
@@ -267,3 +246,12 @@ def _read_part(root: Path, what: str, read: Callable[[], Any]) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ArtifactError(f"{root}: cannot read the {what} ({first}); recompile the artifact") from None
+
+
+def load_any(spec: str | os.PathLike | None = None, deploy_cpu: bool = False):
+    """(model, tokenizer) of an mqc artifact or of a plain model: the CLI's MODEL_OR_ARTIFACT.
+    ``deploy_cpu``: an artifact comes on the compressed CPU kernels (a plain model as it is)."""
+    path = resolve_model_dir(spec)
+    if (path / "manifest.json").is_file():
+        return load(path, deploy_cpu=deploy_cpu)
+    return load_hf_model(path)

@@ -281,6 +281,14 @@ class GgmlLinear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.fmt}"
 
 
+def drop_dense_copies(module: torch.nn.Module) -> None:
+    """Free the dense weights the CPU reference path memoised in ``module``'s layers (a model
+    lowered layer by layer would otherwise hold one float32 copy of every layer)."""
+    for m in module.modules():
+        if hasattr(m, "_dense"):
+            m._dense = m._dense_stamp = None
+
+
 RUNTIME_MODULES: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (QLinear, QEmbedding, GgmlLinear)}
 
 

@@ -52,10 +52,7 @@ class LowRankKVProj(torch.nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: torch.nn.Module) -> LowRankKVProj:
-        from mqc.runtime.kv.install import install
-
-        install(model)  # a loaded artifact gets its cache hook back with its first projection
-        return cls(**config)
+        return cls(**config)  # the loaded model gets its cache hook from its config (mqc.runtime.artifact)
 
     def rebuild(self, features: torch.Tensor) -> torch.Tensor:
         """``B c + b``: the approximate projection output of tokens known only by their features."""

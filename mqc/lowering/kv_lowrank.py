@@ -30,7 +30,9 @@ when ``kv.quant_bits`` is set (see :func:`train_factors`). Errors are measured o
 calibration tokens, and the best round there is kept (the initial factors if none beats them).
 
 The original ``W`` stays as the exact window branch; :class:`mqc.runtime.kv.LowRankKVProj`
-replaces each projection and :func:`mqc.runtime.kv.install` makes the model use the cache.
+replaces each projection and :func:`mqc.runtime.kv.install` makes the model use the cache. The
+pass runs on the lowered model (its weights quantized), whose forwards it needs whole: the
+attention errors and the training inputs are those of the model as it will run.
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ from tqdm import tqdm
 
 from mqc import quant
 from mqc.errors import InfeasibleBudgetError, PassContractError, RecipeError, UnsupportedModelError
+from mqc.lowering.context import LoweringContext
 from mqc.passes import keys
-from mqc.passes.act_stats import CALIB_BATCH
-from mqc.passes.base import CompileContext, Pass, PassResult
-from mqc.passes.bit_alloc import solve_mckp
+from mqc.passes.base import Pass, PassResult
+from mqc.planning.knapsack import solve_mckp
 from mqc.recipe import KVRecipe
 from mqc.runtime.kv import FULL_BYTES, KVSettings, LowRankKVProj, check_supported, install
+from mqc.stream.stack import CALIB_BATCH
 
 RANK_GRID = 16  # ranks tried per projection under a budget: width * i / 16
 BUDGET_SAMPLES = 2  # calibration sequences whose attention outputs price the ranks under a budget
@@ -319,18 +322,17 @@ def required_results(kv: KVRecipe, inputs_given: bool = False) -> tuple[str, ...
 class KVLowRank(Pass):
     """Rewrite every layer's K/V projections into exact + low-rank branches and install the cache.
 
-    Runs after weight quantization (it requires ``QUANTIZED``), so that the model's other forward
-    passes during compilation never see the compressed cache, and so that training reads the
-    activations of the model as it will run.
+    Runs after the weights are lowered (it requires ``WEIGHTS_LOWERED``), so that training reads
+    the activations of the model as it will run.
     """
 
     name = "kv_lowrank"
-    requires = (keys.GRAPH, keys.QUANTIZED)
+    requires = (keys.WEIGHTS_LOWERED,)
     produces = (keys.KV_PLAN, keys.KV_REWRITTEN)
 
     def __init__(self, kv: KVRecipe | None = None, inputs: dict[str, torch.Tensor] | None = None):
         """``kv``: the recipe's KV settings, to declare the calibration results it needs; None
-        reads ``ctx.recipe.kv`` at run time (and then checks those results itself).
+        reads the plan's recipe at run time (and then checks those results itself).
         ``inputs``: calibration inputs ``[n, in]`` of each layer's K projection (as from
         :func:`collect_inputs`), to reuse across compilations of one model instead of collecting
         them from ``ctx[CALIB]`` each time."""
@@ -338,8 +340,8 @@ class KVLowRank(Pass):
         if kv is not None:
             self.requires = type(self).requires + required_results(kv, inputs is not None)
 
-    def _recipe(self, ctx: CompileContext) -> KVRecipe:
-        kv = self.kv or ctx.recipe.kv
+    def _recipe(self, ctx: LoweringContext) -> KVRecipe:
+        kv = self.kv or ctx[keys.PLAN].recipe.kv
         if kv is None:
             raise RecipeError("the kv_lowrank pass needs KV settings: set recipe.kv (e.g. --kv-rank 0.5)")
         for key in required_results(kv, self.inputs is not None):
@@ -347,9 +349,9 @@ class KVLowRank(Pass):
                 raise PassContractError(f"pass {self.name} needs {key!r} (kv method {kv.method!r}, training or budget)")
         return kv
 
-    def _projections(self, ctx: CompileContext) -> list[tuple[int, str, str]]:
+    def _projections(self, ctx: LoweringContext) -> list[tuple[int, str, str]]:
         """(layer, k qualname, v qualname) per attention, checked to be plain separate linears."""
-        model, sites = ctx.model, ctx[keys.GRAPH].kv_sites
+        model, sites = ctx.model, ctx.analysis.kv_sites
         if not sites:
             raise UnsupportedModelError(f"{model.config.model_type}: no K/V projections found in the graph")
         for site in sites:
@@ -367,7 +369,7 @@ class KVLowRank(Pass):
                     )
         return [(s.layer, s.k_proj, s.v_proj) for s in sites]
 
-    def run(self, ctx: CompileContext) -> PassResult:
+    def run(self, ctx: LoweringContext) -> PassResult:
         kv = self._recipe(ctx)
         model = ctx.model
         check_supported(model)

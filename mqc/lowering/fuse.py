@@ -8,8 +8,8 @@ on the siblings' parent as ``fused_<leaf>_<leaf>...`` and each sibling becomes a
 :class:`FusedSlice` of it, so the HF model still calls ``q_proj(x)`` and still ``generate()``s,
 with unchanged outputs: fusing only concatenates rows of the packed layout.
 
-Runs after lowering (it needs the :class:`QLinear` modules) and, when the recipe has a low-rank
-KV cache, after that rewrite too (pass ``after=(keys.KV_REWRITTEN,)``).
+Runs after the weights are lowered (it needs the :class:`QLinear` modules) and, when the plan has a
+compressed KV cache, after that rewrite too (pass ``after=(keys.KV_REWRITTEN,)``).
 
 Fusion is a lowering for the GPU runtime, so it can also happen later: ``FuseSiblings(rewrite=
 False)`` only records the groups (artifacts then keep one record and one set of tensors per
@@ -25,8 +25,9 @@ import torch
 
 from mqc.capture import capture, module_path
 from mqc.graph import _PASS_THROUGH
+from mqc.lowering.context import LoweringContext
 from mqc.passes import keys
-from mqc.passes.base import CompileContext, Pass, PassResult
+from mqc.passes.base import Pass, PassResult
 from mqc.runtime.fused import FusedQLinear, FusedSlice, fusion_key
 from mqc.runtime.modules import QEmbedding, QLinear
 
@@ -98,7 +99,7 @@ class FuseSiblings(Pass):
     records the groups under ``FUSION_GROUPS``."""
 
     name = "fuse"
-    requires = (keys.GRAPH, keys.QUANTIZED)
+    requires = (keys.WEIGHTS_LOWERED,)
     produces = (keys.FUSION_GROUPS,)
 
     def __init__(self, rewrite: bool = True, after: tuple[str, ...] = ()):
@@ -108,8 +109,8 @@ class FuseSiblings(Pass):
         if after:
             self.requires = type(self).requires + tuple(after)
 
-    def run(self, ctx: CompileContext) -> PassResult:
-        groups = fusable_groups(ctx.model, ctx[keys.GRAPH].shared_input_groups)
+    def run(self, ctx: LoweringContext) -> PassResult:
+        groups = fusable_groups(ctx.model, ctx.analysis.shared_inputs)
         if self.rewrite:
             fuse_model(ctx.model, groups)
         ctx.results[keys.FUSION_GROUPS] = groups

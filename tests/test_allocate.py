@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mqc
-from mqc.errors import InfeasibleBudgetError, MqcError
-from mqc.passes import keys
-from mqc.passes.bit_alloc import solve_mckp
+from mqc.errors import AnalysisError, InfeasibleBudgetError
+from mqc.planning.knapsack import solve_mckp
 from mqc.runtime.artifact import stored_tensors
 
 
@@ -70,7 +69,7 @@ def test_plan_fits_budget_on_disk(tmp_path_factory, calib, bits, outliers, allow
     except InfeasibleBudgetError as exc:
         assert "smallest plan" in str(exc)
         return
-    plan = compiled.plan
+    plan = compiled.plan.layers
     assert all(p.bits in allowed for p in plan.values())
     assert all(p.group_size in (groups or (32,)) for p in plan.values() if p.bits != 16)
     assert all(p.bits >= 4 for n, p in plan.items() if n.endswith("down_proj"))
@@ -83,53 +82,53 @@ def test_plan_fits_budget_on_disk(tmp_path_factory, calib, bits, outliers, allow
     stored = sum(t.numel() * t.element_size() for n, t in tensors.items() if planned(n))
     assert stored == sum(p.nbytes for p in plan.values())
     assert 8 * stored / n_weights <= bits + 1e-9
-    assert compiled.context[keys.ALLOCATION].slack_bytes >= 0
+    assert compiled.plan.allocation.slack_bytes >= 0
 
 
 def test_tied_embedding_counted_once(calib):
     model = mqc.tiny_model("llama")  # tied embeddings
     compiled = mqc.compile(model, mqc.Recipe(method="mq", bits=5.0, group_size=32), calib=calib, progress=False)
-    assert "lm_head" in compiled.plan and "model.embed_tokens" not in compiled.plan
+    assert "lm_head" in compiled.plan.layers and "model.embed_tokens" not in compiled.plan.layers
     assert type(model.model.embed_tokens).__name__ == "QEmbedding"
     assert model.model.embed_tokens.table is model.lm_head
 
 
 @pytest.mark.parametrize("budget", [{"bits": 1.0}, {"size": "1.5bpw"}, {"size": "10kB"}])
 def test_infeasible_budget_refused_before_analysis(calib, monkeypatch, budget):
-    from mqc.passes.act_stats import ActivationStats
+    from mqc.analysis.sweep import LayerSweep
 
     def analysis(*args):
         raise AssertionError("analysis ran before the infeasible budget was refused")
 
-    monkeypatch.setattr(ActivationStats, "run", analysis)
+    monkeypatch.setattr(LayerSweep, "analyze", analysis)
     with pytest.raises(InfeasibleBudgetError, match=r"smallest plan allowed by the recipe makes \d+\.\d+ bpw"):
         mqc.compile(mqc.tiny_model("llama"), mqc.Recipe(method="mq", **budget), calib=calib, progress=False)
 
 
 def test_budget_frac_and_bytes_agree(calib):
-    from mqc.passes.bit_alloc import unit_budget
+    from mqc.planning.budget import unit_budget
 
     model = mqc.tiny_model("llama")
     recipe = mqc.Recipe(method="mq", budget_frac=0.3, group_size=32, search="none")
     a = mqc.compile(model, recipe, calib=calib, progress=False)
-    fp16 = sum(p.n_weights * 2 for p in a.plan.values())
-    assert a.context[keys.ALLOCATION].budget_bytes == int(0.3 * fp16)
-    units, size = a.context[keys.UNITS], a.context[keys.MODEL_SIZE]
+    fp16 = sum(p.n_weights * 2 for p in a.plan.layers.values())
+    assert a.plan.allocation.budget_bytes == int(0.3 * fp16)
+    units, size = a.analysis.units, a.plan.size
     assert unit_budget(mqc.Recipe(method="mq", budget_bytes=12345), units, size) == 12345
     whole = unit_budget(mqc.Recipe(method="mq", size="60kB"), units, size)
     assert whole == 60_000 - size.fixed_bytes
 
 
-def test_reuse_skips_analysis_and_plans_the_same(calib):
-    """A budget sweep that reuses one compile's analysis gets the plans of separate compiles."""
+def test_one_analysis_plans_every_size_as_separate_compiles_do(calib, tmp_path):
+    """A size sweep plans from one analysis; each plan is what a compile of its own would make."""
     recipe = mqc.Recipe(method="mq", size="4bpw", allowed_group_sizes=(32,), outlier_frac=0.01, search_generations=3)
-    first = mqc.compile(mqc.tiny_model("llama"), recipe, calib=calib, progress=False)
+    analysis = mqc.analyze(mqc.tiny_model("llama"), recipe, tmp_path / "analysis", calib=calib, progress=False)
     tighter = dataclasses.replace(recipe, size="3.5bpw", pins=(mqc.Pin("*v_proj", 4),))
-    fresh = mqc.compile(mqc.tiny_model("llama"), tighter, calib=calib, progress=False)
-    reused = mqc.compile(mqc.tiny_model("llama"), tighter, reuse=first, progress=False)
-    assert "candidates" not in reused.stats["pass_seconds"] and "candidates" in fresh.stats["pass_seconds"]
-    assert {n: (p.bits, p.group_size) for n, p in reused.plan.items()} == {
-        n: (p.bits, p.group_size) for n, p in fresh.plan.items()
+    fresh = mqc.compile(mqc.tiny_model("llama"), tighter, calib=calib, progress=False, analysis=tmp_path / "fresh")
+    planned = mqc.plan(analysis, tighter, progress=False)
+    assert {n: (p.bits, p.group_size) for n, p in planned.layers.items()} == {
+        n: (p.bits, p.group_size) for n, p in fresh.plan.layers.items()
     }
-    with pytest.raises(MqcError, match="reuse"):
-        mqc.compile(mqc.tiny_model("llama"), dataclasses.replace(recipe, outlier_frac=0.0), reuse=first, progress=False)
+    assert planned.search.final_kl == pytest.approx(fresh.plan.search.final_kl, rel=1e-6)
+    with pytest.raises(AnalysisError, match="outlier_frac"):  # names what the analysis was made with
+        mqc.plan(analysis, dataclasses.replace(recipe, outlier_frac=0.0))
