@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="artifact directory to write")
     c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     c.add_argument("--analysis", metavar="DIR", help="plan from this finished analysis (mqc analyze) instead of analysing")
+    c.add_argument("--device", default="cpu", help="where the analysis and the search run layers: cpu (default) or cuda")
     _add_recipe_args(c)
     c.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
     _add_eval_args(c)
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model", nargs="?", default=None, help="local HF model dir (default: embedded SmolLM2-135M)")
     a.add_argument("--out", required=True, help="analysis directory (a killed run continues there)")
     a.add_argument("--force", action="store_true", help="start over an analysis at --out (never replaces anything else)")
+    a.add_argument("--device", default="cpu", help="where layers run: cpu (default) or cuda (one layer at a time on the GPU)")
     _add_recipe_args(a)
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -282,7 +284,7 @@ def cmd_analyze(args) -> int:
     args.method = args.method or "mq"
     recipe = recipe_from_args(args)
     budgets = tuple(r for r, _ in _compile_targets(argparse.Namespace(**{**vars(args), "out": "."}))) if args.size else ()
-    analysis = mqc.analyze(args.model, recipe, args.out, force=args.force, budgets=budgets)
+    analysis = mqc.analyze(args.model, recipe, args.out, force=args.force, budgets=budgets, device=args.device)
     summary = analysis_summary(analysis)
     print(json.dumps(summary, indent=2, default=str) if args.json else "\n".join(analysis_lines(summary)))
     return 0
@@ -334,13 +336,13 @@ def cmd_compile(args) -> int:
         if path:
             check_text_file(path)
     if analysis is None:
-        analysis = mqc.analyze(model, targets[0][0], budgets=tuple(r for r, _ in targets))
+        analysis = mqc.analyze(model, targets[0][0], budgets=tuple(r for r, _ in targets), device=args.device)
     if len(targets) > 1:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     reference = None
     reports = []
     for recipe, out in targets:
-        plan = mqc.plan(analysis, recipe)
+        plan = mqc.plan(analysis, recipe, device=args.device)
         compiled = mqc.lower(model, plan, analysis=analysis)
         mqc.save(compiled, out, force=args.force)
         evaluation = None
@@ -592,6 +594,14 @@ COMMANDS = {
 }
 
 
+def _close_progress_bars() -> None:
+    """End any progress bar a failure interrupted, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import transformers
@@ -600,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MqcError as exc:
+        _close_progress_bars()
         print(f"mqc: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

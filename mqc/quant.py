@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from scipy.linalg import lapack
@@ -268,8 +269,9 @@ def _codes(
     return q.to(torch.int32), zero.to(torch.int32), scale16
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U``, damping more if needed.
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """(``U``, the damping added): the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1 =
+    U^T U`` (dead inputs' zero diagonal set to 1 first), damping more if needed.
 
     With ``J`` the exchange matrix and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky and one
     triangular inverse (LAPACK ``trtri``), in float32 (``U`` within about 1e-7 of its largest
@@ -284,9 +286,13 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             del h
+            lam = float(damp * factor * mean_diag)
+            if chol.device.type != "cpu":  # on a GPU the triangular solve is the fast path
+                eye = torch.eye(chol.shape[0], device=chol.device)
+                return torch.flip(torch.linalg.solve_triangular(chol, eye, upper=False), (0, 1)), lam
             inverse, info = lapack.strtri(chol.numpy(), lower=1, overwrite_c=1)
             if info == 0:
-                return torch.flip(torch.from_numpy(inverse), (0, 1))
+                return torch.flip(torch.from_numpy(inverse), (0, 1)), lam
     raise InvalidWeightsError("the calibration Hessian is not positive definite even after damping; use more calibration data")
 
 
@@ -308,6 +314,33 @@ class Grid:
     group_size: int
     outlier_mask: torch.Tensor | None = None
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class GPTQResult(NamedTuple):
+    """One grid's GPTQ output in the layout of :func:`_codes`, and what its error cost."""
+
+    q: torch.Tensor  # uint8 [N, n_blocks, g]
+    zero: torch.Tensor  # int32 [N, n_blocks] (a fixed grid's own float zeros)
+    scale: torch.Tensor  # fp16 [N, n_blocks] (a fixed grid's own float scales)
+    target: torch.Tensor | None  # float32 [N, K] with outliers (their final values); None: the codes
+    loss: torch.Tensor  # float64 [N]: GPTQ's summed column losses, diag(dW H_d dW^T) under the damped Hessian
+    damping: float  # what H_d added to the diagonal (dead inputs: 1 more)
+
+
+def gptq_row_error(result: GPTQResult, weight: torch.Tensor, dense: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``diag(dW H dW^T)`` of a GPTQ result (``dense``: its dequantized matrix) from the losses the
+    column loop summed, without the ``[N, K] @ [K, K]`` product per candidate: GPTQ's losses add up
+    to the error under the damped Hessian ``H + damping I`` (dead inputs' zero diagonal set to 1,
+    their weights to 0), so the undamped error is that less the damping's share. Exact but for
+    float rounding; a grid with outliers (whose stored residuals are rounded to fp16 after the
+    loop) is measured by the product instead."""
+    dead = torch.diag(hessian) == 0
+    delta = dense - torch.where(dead, 0.0, weight.float())
+    if result.target is not None:
+        return ((delta @ hessian) * delta).sum(1)
+    damped = delta.double().pow(2)
+    extra = result.damping * damped.sum(1) + damped[:, dead].sum(1)
+    return (result.loss - extra).clamp_min(0.0).float()
 
 
 @dataclass(frozen=True)
@@ -341,7 +374,8 @@ def gptq_batch(
     row, and every update is in place (``addr_``/``addmm_``): a temporary per block made the loop
     memory-bound. Returns per grid ``(q [N, nb, g] uint8, z [N, nb] int32, s [N, nb] fp16,
     target)`` in the layout of :func:`_codes` (a ``fixed`` grid's own float ``z, s``); ``target
-    [N, K]`` float32 only for a grid with outliers (else None: the target is the dequantized codes).
+    [N, K]`` float32 only for a grid with outliers (else None: the target is the dequantized codes);
+    and the summed column losses (:class:`GPTQResult`, :func:`gptq_row_error`).
     """
     for grid in grids:
         if grid.fixed is None:
@@ -352,7 +386,7 @@ def gptq_batch(
     w = weight.float().clone()
     w[:, torch.diag(hessian) == 0] = 0.0
     order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
-    hinv = _inverse_hessian_factor(hessian[order][:, order], damp)
+    hinv, damping = _inverse_hessian_factor(hessian[order][:, order], damp)
     params, stored = [], []
     energy = torch.diag(hessian).float().expand(rows, cols)
     for grid in grids:
@@ -370,8 +404,10 @@ def gptq_batch(
         params.append(_GridParams(zero, scale16.float(), None if keep is None else keep[:, order], levels, grid.group_size))
     w_perm = w[:, order]
     del w
-    codes = [torch.empty(rows, cols, dtype=torch.uint8) for _ in grids]
-    targets = [None if p.keep is None else torch.empty(rows, cols) for p in params]
+    device = weight.device
+    codes = [torch.empty(rows, cols, dtype=torch.uint8, device=device) for _ in grids]
+    targets = [None if p.keep is None else torch.empty(rows, cols, device=device) for p in params]
+    losses = [torch.zeros(rows, dtype=torch.float64, device=device) for _ in grids]
     per_chunk = max(1, GPTQ_CHUNK_ELEMENTS // cols)
     pieces = [(g, r0, min(r0 + per_chunk, rows)) for g in range(len(grids)) for r0 in range(0, rows, per_chunk)]
     chunk: list[tuple[int, int, int]] = []
@@ -380,26 +416,28 @@ def gptq_batch(
             chunk.append(piece)
             continue
         if chunk:
-            _gptq_chunk(chunk, params, w_perm, order, hinv, codes, targets)
+            _gptq_chunk(chunk, params, w_perm, order, hinv, codes, targets, losses)
         chunk = [piece] if piece is not None else []
     restore = torch.argsort(order)
     results = []
-    for grid, (zero, scale), q, target in zip(grids, stored, codes, targets):
+    for grid, (zero, scale), q, target, loss in zip(grids, stored, codes, targets, losses):
         q = _grouped(q[:, restore], grid.group_size, 0)  # padding codes 0, as in _codes
-        results.append((q, zero, scale, None if target is None else target[:, restore]))
+        results.append(GPTQResult(q, zero, scale, None if target is None else target[:, restore], loss, damping))
     return results
 
 
-def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, targets) -> None:
+def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, targets, losses) -> None:
     """GPTQ's column loop over the stacked rows ``chunk`` ((grid, first row, end row) pieces)."""
     cols = w_perm.shape[1]
     wt = torch.cat([w_perm[r0:r1] for _, r0, r1 in chunk]).T.contiguous()  # [K, R]
-    qt = torch.empty(wt.shape, dtype=torch.uint8)
+    device = wt.device
+    qt = torch.empty(wt.shape, dtype=torch.uint8, device=device)
     outliers = any(params[g].keep is not None for g, _, _ in chunk)
     tt = torch.empty_like(wt) if outliers else None
-    levels = torch.cat([torch.full((r1 - r0,), float(params[g].levels)) for g, r0, r1 in chunk])
-    code = torch.empty(wt.shape[1])
-    value = torch.empty(wt.shape[1])
+    levels = torch.cat([torch.full((r1 - r0,), float(params[g].levels), device=device) for g, r0, r1 in chunk])
+    code = torch.empty(wt.shape[1], device=device)
+    value = torch.empty(wt.shape[1], device=device)
+    loss = torch.zeros(wt.shape[1], dtype=torch.float64, device=device)
     for i1 in range(0, cols, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, cols)
 
@@ -414,9 +452,9 @@ def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, ta
         keep = None
         if outliers:
             keep = torch.cat(
-                [params[g].keep[r0:r1, i1:i2] if params[g].keep is not None else torch.ones(r1 - r0, i2 - i1, dtype=torch.bool) for g, r0, r1 in chunk]
+                [params[g].keep[r0:r1, i1:i2] if params[g].keep is not None else torch.ones(r1 - r0, i2 - i1, dtype=torch.bool, device=device) for g, r0, r1 in chunk]
             ).T.contiguous()
-        errors = torch.empty(i2 - i1, wt.shape[1])
+        errors = torch.empty(i2 - i1, wt.shape[1], device=device)
         block = wt[i1:i2]
         for j in range(i2 - i1):
             i = i1 + j
@@ -433,6 +471,7 @@ def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, ta
             torch.sub(column, value, out=err).div_(hinv[i, i])
             if j + 1 < i2 - i1:
                 block[j + 1 :].addr_(hinv[i, i + 1 : i2], err, alpha=-1.0)
+        loss += errors.double().pow(2).sum(0)
         if i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, errors, alpha=-1.0)
     start = 0
@@ -441,6 +480,7 @@ def _gptq_chunk(chunk, params: list[_GridParams], w_perm, order, hinv, codes, ta
         codes[g][r0:r1] = qt[:, start : start + n].T
         if targets[g] is not None:
             targets[g][r0:r1] = tt[:, start : start + n].T
+        losses[g][r0:r1] = loss[start : start + n]
         start += n
 
 
@@ -453,7 +493,7 @@ def _gptq_codes(
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight on one grid: see :func:`gptq_batch`."""
-    return gptq_batch(weight, hessian, [Grid(bits, group_size, outlier_mask)], damp)[0]
+    return gptq_batch(weight, hessian, [Grid(bits, group_size, outlier_mask)], damp)[0][:4]
 
 
 def _from_codes(q: torch.Tensor, zero: torch.Tensor, scale16: torch.Tensor, in_features: int):
@@ -528,7 +568,7 @@ def extract_outliers(weight: torch.Tensor, qw: QuantizedWeight, mask: torch.Tens
     residual = weight.float() - dequantize(qw)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order, as CSR needs
     counts = torch.bincount(rows, minlength=weight.shape[0])
-    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32)
+    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=weight.device)
     crow[1:] = torch.cumsum(counts, 0)
     return SparseOutliers(
         crow=crow,

@@ -380,7 +380,7 @@ def encode_batch(
         codes = [_codes(w.reshape(w.shape[0], -1, TYPES[n].sub), f.zero, f.scale, TYPES[n].levels) for n, f in zip(names, fits_)]
     else:
         grids = [quant.Grid(TYPES[n].bits, TYPES[n].sub, fixed=(f.zero, f.scale)) for n, f in zip(names, fits_)]
-        codes = [q for q, _, _, _ in quant.gptq_batch(w, hessian, grids)]
+        codes = [result.q for result in quant.gptq_batch(w, hessian, grids)]
     return [pack(n, q.reshape(w.shape[0], -1), f) for n, q, f in zip(names, codes, fits_)]
 
 

@@ -24,7 +24,7 @@ def test_batched_grids_are_each_gptq(layer):
     """Every grid of a batch is on its grid and beats round-to-nearest, like a lone GPTQ run."""
     weight, x, hessian = layer
     grids = [quant.Grid(b, g) for b in (2, 3, 4, 8) for g in (32, 64)]
-    for grid, (q, z, s, target) in zip(grids, quant.gptq_batch(weight, hessian, grids)):
+    for grid, (q, z, s, target, _, _) in zip(grids, quant.gptq_batch(weight, hessian, grids)):
         assert int(q.max()) <= (1 << grid.bits) - 1 and int(q.min()) >= 0
         dense = quant._from_codes(q, z, s, weight.shape[1])
         assert target is None  # no outliers: the target is the dense part itself
@@ -34,13 +34,26 @@ def test_batched_grids_are_each_gptq(layer):
         assert output_error(x, weight, dense) == pytest.approx(output_error(x, weight, alone), rel=0.05)
 
 
+def test_row_error_from_the_column_losses_is_the_output_error(layer):
+    """GPTQ's summed column losses less the damping's share are ``diag(dW H dW^T)``, also with dead inputs."""
+    weight, x, _ = layer
+    x = x.clone()
+    x[:, :5] = 0.0
+    hessian = x.T @ x / x.shape[0]
+    grids = [quant.Grid(b, g) for b in (2, 3, 4, 8) for g in (32, 64)]
+    for grid, result in zip(grids, quant.gptq_batch(weight, hessian, grids)):
+        dense = quant._from_codes(result.q, result.zero, result.scale, weight.shape[1])
+        exact = ((dense - weight) @ hessian * (dense - weight)).sum(1)
+        torch.testing.assert_close(quant.gptq_row_error(result, weight, dense, hessian), exact, rtol=1e-4, atol=1e-9)
+
+
 def test_row_chunks_do_not_change_the_result(layer, monkeypatch):
     weight, _, hessian = layer
     grids = [quant.Grid(4, 32), quant.Grid(3, 64)]
     whole = quant.gptq_batch(weight, hessian, grids)
     monkeypatch.setattr(quant, "GPTQ_CHUNK_ELEMENTS", 7 * weight.shape[1])  # pieces of 7 rows, grids never mixed
     chunked = quant.gptq_batch(weight, hessian, grids)
-    for (qa, za, sa, _), (qb, zb, sb, _) in zip(whole, chunked):
+    for (qa, za, sa, *_), (qb, zb, sb, *_) in zip(whole, chunked):
         dense_a, dense_b = quant._from_codes(qa, za, sa, weight.shape[1]), quant._from_codes(qb, zb, sb, weight.shape[1])
         assert torch.allclose(dense_a, dense_b, atol=1e-5)
 

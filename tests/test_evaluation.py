@@ -146,9 +146,9 @@ def test_reference_is_cached_per_protocol(zoo, word_tokenizer, tmp_path, monkeyp
     monkeypatch.setattr(
         suite_mod,
         "_run",
-        lambda m, t, s, setting, ref, writer, *a: (
+        lambda m, t, s, setting, ref, head, writer, *a: (
             computed.append(writer is not None),
-            real(m, t, s, setting, ref, writer, *a),
+            real(m, t, s, setting, ref, head, writer, *a),
         )[1],
     )
     small = dataclasses.replace(SMALL, genres=False)  # the genres' tokenization is most of the time here

@@ -15,7 +15,7 @@ the values; quality is measured on the CPU with real weights):
 
 Per model: the fp16 model is timed; then every decoder linear is quantized in place on the GPU
 (round-to-nearest, group 128, as ``mqc compile --bits B`` does; embeddings and lm_head stay
-fp16, as in the rtn recipe), q/k/v and gate/up are fused (:func:`mqc.passes.fuse.fuse_group`,
+fp16, as in the rtn recipe), q/k/v and gate/up are fused (:func:`mqc.lowering.fuse.fuse_group`,
 the groups the fusion pass finds on Llama models), and the same prompt is timed again. Each is
 timed eagerly (HF forward per token: often launch-bound) and with the decode step replayed from
 a CUDA graph (weight-bound), see :mod:`mqc.bench`. A sanity figure compares one decode step's
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from mqc.bench import copy_bandwidth, decode_benchmark, gpu_slug
 from mqc.kernels import launch
-from mqc.passes.fuse import fuse_group
+from mqc.lowering.fuse import fuse_group
 from mqc.runtime.modules import QLinear
 
 RESULTS = ROOT / "benchmarks" / "results"

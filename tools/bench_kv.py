@@ -49,10 +49,12 @@ from bench_kv_lowrank import decode_speed
 import mqc
 from mqc.data import perplexity
 from mqc.errors import InfeasibleBudgetError
+from mqc.analysis.kv_costs import measure_costs
 from mqc.passes import keys
-from mqc.passes.kv_quant import allocate, base_settings, measure_costs
+from mqc.planning.kv import allocate_kv, base_settings
 from mqc.report import machine
 from mqc.runtime.kv import QuantKVSettings, install, kv_accounting, quant_cache_bytes
+from mqc.stream.stack import LayerStack
 
 RESULTS = ROOT / "benchmarks" / "results"
 LOWRANK_BEST = {"method": "asvd", "window": 32, "quant_bits": 4, "train_steps": 10}
@@ -115,7 +117,7 @@ def main() -> None:
                            cost_samples=args.cost_samples)  # fmt: skip
     cost_start, costs = time.perf_counter(), None
     if args.budgets:
-        costs = measure_costs(copy.deepcopy(base), lowrank.shared[keys.CALIB][: args.cost_samples], pm)
+        costs = measure_costs(LayerStack(copy.deepcopy(base)), lowrank.shared[keys.CALIB][: args.cost_samples], pm)
     cost_seconds = time.perf_counter() - cost_start
     print(f"setup {time.perf_counter() - start:.0f} s (PM-KVQ costs {cost_seconds:.0f} s)", flush=True)
 
@@ -126,7 +128,7 @@ def main() -> None:
             name = f"pmkvq-{round(frac * 100)}%"
             recipe = dataclasses.replace(pm, budget_frac=frac, context=context)
             try:
-                settings = allocate(costs, recipe, base.config)
+                settings = allocate_kv(costs, recipe, base.config)
             except InfeasibleBudgetError as exc:
                 narrow = base_settings(recipe, layers, (2,) * layers, (2,) * layers)
                 minimum = quant_cache_bytes(narrow, base.config, context)["kv_fraction"]

@@ -7,7 +7,7 @@ joint allocation (`mqc compile --memory M --kv-context 8192`: per-layer weight f
 per-layer KV widths in one knapsack on measured-KL costs) and, for every fixed KV width w in
 2/4/8 bits (the same grids: keys per channel and values per token in groups of --group), the
 weights-only allocation of what is left (`--size M - KV(w)`), and the fp16 cache where it fits.
-All in one run, sharing one analysis (`reuse=`). Weights: mq with round-to-nearest candidates
+All in one run, planned from one analysis. Weights: mq with round-to-nearest candidates
 and the knapsack only (--quantizer/--search, so the comparison is the allocation's, and the run
 takes minutes). Perplexity: --tokens Brown evaluation tokens at --eval-context, through each
 model's compressed cache (accounted at --context tokens). `best_fixed_ppl`: the best of the
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 import mqc
 from mqc.data import perplexity, token_stream
 from mqc.errors import InfeasibleBudgetError
-from mqc.passes import keys
-from mqc.passes.kv_quant import base_settings
-from mqc.passes.quantize import round_to_fp16
+from mqc.lowering.context import store_rest_in_fp16
+from mqc.planning.kv import base_settings
+from mqc.stream.source import ModuleSource
 from mqc.report import machine
 from mqc.runtime.kv import fp16_cache_bytes, quant_cache_bytes
 
@@ -55,28 +55,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     base, tok = mqc.load_hf_model()
-    round_to_fp16(base)
+    store_rest_in_fp16(base, ModuleSource(base))
     ids = token_stream(tok, "eval")
     layers = base.config.num_hidden_layers
     grid = {"context": args.context, "group": args.group, "value_group": args.group, "cost_samples": 1}
     common = {"method": "mq", "quantizer": args.quantizer, "search": args.search}
 
-    def compile_(recipe, reuse=None):
-        return mqc.compile(copy.deepcopy(base), recipe, tokenizer=tok, reuse=reuse, progress=reuse is None)
+    analysis = mqc.analyze(base, mqc.Recipe(**common, memory="1GB", kv_quant=mqc.KVQuantRecipe(**grid)), tokenizer=tok)
+
+    def compile_(recipe):
+        return mqc.lower(copy.deepcopy(base), mqc.plan(analysis, recipe, progress=False), analysis=analysis, progress=False)
 
     def ppl(compiled) -> float:
         return perplexity(compiled.model, ids, context=args.eval_context, max_tokens=args.tokens, progress=False)
 
-    first, rows = None, []
+    rows = []
     for memory_mb in args.memory:
         total = int(memory_mb * 1e6)
         recipe = mqc.Recipe(**common, memory=f"{total}B", kv_quant=mqc.KVQuantRecipe(**grid))
-        joint = compile_(recipe, first)
-        first = first or joint
-        split = joint.context[keys.JOINT_SPLIT]
+        joint = compile_(recipe)
+        split = joint.plan.joint
         row = {"memory_bytes": total, "ppl": ppl(joint), "weights_bytes": joint.model_bytes,
-               "kv_bytes": split["kv_bytes"], "k_bits": list(joint.context[keys.KV_CHOICE].k_bits),
-               "v_bits": list(joint.context[keys.KV_CHOICE].v_bits), "fixed": []}  # fmt: skip
+               "kv_bytes": split["kv_bytes"], "k_bits": list(joint.plan.kv.k_bits),
+               "v_bits": list(joint.plan.kv.v_bits), "fixed": []}  # fmt: skip
         for width in (2, 4, 8, 16):
             if width == 16:
                 kv_bytes, kv = fp16_cache_bytes(base.config, args.context), None
@@ -90,7 +91,7 @@ def main() -> None:
                 row["fixed"].append(fixed)
                 continue
             try:
-                compiled = compile_(mqc.Recipe(**common, size=f"{total - kv_bytes}B", kv_quant=kv), first)
+                compiled = compile_(mqc.Recipe(**common, size=f"{total - kv_bytes}B", kv_quant=kv))
                 fixed.update(ppl=ppl(compiled), weights_bytes=compiled.model_bytes)
             except InfeasibleBudgetError as exc:
                 fixed["infeasible"] = str(exc)

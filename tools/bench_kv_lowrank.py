@@ -44,16 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqc
-from mqc.capture import capture
 from mqc.data import calibration_batches, perplexity, token_stream
-from mqc.graph import GraphView
+from mqc.lowering.context import LoweringContext, store_rest_in_fp16
+from mqc.lowering.kv_lowrank import TRAIN_TOKENS, KVLowRank, collect_inputs
 from mqc.passes import keys
-from mqc.passes.act_stats import ActivationStats
-from mqc.passes.base import CompileContext
-from mqc.passes.kv_lowrank import TRAIN_TOKENS, KVLowRank, collect_inputs
-from mqc.passes.quantize import round_to_fp16
-from mqc.passes.units import SelectUnits
 from mqc.report import machine
+from mqc.stream.source import ModuleSource
 from mqc.runtime.kv import kv_accounting
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,23 +68,20 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.base, tok = mqc.load_hf_model()
-        round_to_fp16(self.base)  # what every compiled artifact holds
         self.ids = token_stream(tok, "eval")
         calib = calibration_batches(tok, args.calib_samples, args.calib_len)
         start = time.perf_counter()
-        graph = GraphView(capture(self.base), self.base)
-        recipe = mqc.Recipe(bits=16, kv=mqc.KVRecipe())
-        ctx = CompileContext(self.base, recipe, {keys.GRAPH: graph, keys.CALIB: calib}, progress=False)
-        SelectUnits().run(ctx)
-        ActivationStats().run(ctx)
-        k_names = [site.k_proj for site in graph.kv_sites]
+        recipe = mqc.Recipe(bits=16, kv=mqc.KVRecipe())  # the K/V inputs' energy (activation-aware SVD)
+        self.analysis = mqc.analyze(self.base, recipe, calib=calib, progress=False)
+        store_rest_in_fp16(self.base, ModuleSource(self.base))  # what every compiled artifact holds
+        k_names = [site.k_proj for site in self.analysis.kv_sites]
         self.inputs = collect_inputs(self.base, k_names, calib, TRAIN_TOKENS * 9 // 8)
-        self.shared = {keys.GRAPH: graph, keys.CALIB: calib, keys.ACT_STATS: ctx[keys.ACT_STATS], keys.QUANTIZED: []}
+        self.shared = {keys.CALIB: calib, keys.ACT_STATS: self.analysis.act_stats(), keys.WEIGHTS_LOWERED: []}
         self.setup_seconds = time.perf_counter() - start
 
-    def compress(self, kv: mqc.KVRecipe) -> tuple[torch.nn.Module, CompileContext, float]:
+    def compress(self, kv: mqc.KVRecipe) -> tuple[torch.nn.Module, LoweringContext, float]:
         model = copy.deepcopy(self.base)
-        ctx = CompileContext(model, mqc.Recipe(bits=16, kv=kv), dict(self.shared), progress=False)
+        ctx = LoweringContext(dict(self.shared), progress=False, model=model, source=ModuleSource(model), analysis=self.analysis)
         start = time.perf_counter()
         KVLowRank(kv, self.inputs).run(ctx)
         return model, ctx, time.perf_counter() - start
@@ -97,7 +90,7 @@ class Bench:
         return perplexity(model, self.ids, context=self.args.context, max_tokens=self.args.tokens, progress=False)
 
 
-def errors(ctx: CompileContext) -> dict:
+def errors(ctx: LoweringContext) -> dict:
     projections = [p for layer in ctx[keys.KV_PLAN].values() for p in (layer.k, layer.v)]
     out = {"spectral_error": statistics.mean(p.spectral_error for p in projections)}
     if projections[0].heldout_error_init is not None:

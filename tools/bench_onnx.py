@@ -63,7 +63,7 @@ from mqc.atomic import write_bytes
 from mqc.data import perplexity, token_stream
 from mqc.export import OnnxLM, export_onnx
 from mqc.models import default_model_dir
-from mqc.passes.units import plan_average_bits
+from mqc.planning.types import plan_average_bits
 from mqc.report import machine, save_figure
 from mqc.runtime.modules import QLinear
 
@@ -110,21 +110,17 @@ def compile_cached(
     model,
     tokenizer,
     calib: mqc.CalibRecipe,
-    analyses: dict[str, mqc.CompiledModel],
 ):
-    """The compiled model of a recipe, saved as an mqc artifact and reloaded on later runs.
-    ``analyses``: the first fresh compile per method, whose sensitivity analysis the next
-    budgets reuse (it is most of an mq compile)."""
+    """The compiled model of a recipe, saved as an mqc artifact and reloaded on later runs (the
+    budgets of one method are planned from one analysis: mqc's analysis cache keeps it)."""
     artifact = work / "artifacts" / name
     if artifact.is_dir() and not rebuild:
         loaded, _ = mqc.load(artifact)
         return loaded, json.loads((artifact / "manifest.json").read_text())
     recipe = mqc.Recipe(**MQC_RECIPES[name], calib=calib)
     start = time.perf_counter()
-    reuse = analyses.get(recipe.method) if recipe.method == "mq" else None
-    compiled = mqc.compile(copy.deepcopy(model), recipe, tokenizer=tokenizer, progress=False, reuse=reuse)
-    analyses.setdefault(recipe.method, compiled)
-    print(f"  compiled {name} in {time.perf_counter() - start:.0f}s ({plan_average_bits(compiled.plan):.3f} avg bits)")
+    compiled = mqc.compile(copy.deepcopy(model), recipe, tokenizer=tokenizer, progress=False)
+    print(f"  compiled {name} in {time.perf_counter() - start:.0f}s ({plan_average_bits(compiled.plan.layers):.3f} avg bits)")
     mqc.save(compiled, artifact, force=True, extra={"compile_seconds": time.perf_counter() - start})
     return compiled.model, json.loads((artifact / "manifest.json").read_text())
 
@@ -151,7 +147,7 @@ def build_variants(
     """Every variant's ONNX folder (the mqc ones restricted to ``only`` when given), the torch
     models of the mqc ones, and notes on what is missing."""
     model, tokenizer = mqc.load_hf_model()
-    variants, torch_models, notes, analyses = [], {}, [], {}
+    variants, torch_models, notes = [], {}, []
     fp32 = work / "onnx" / "fp32"
     if rebuild or not fp32.is_dir():
         export_onnx(model, tokenizer, fp32, force=True)
@@ -170,7 +166,7 @@ def build_variants(
         if skip_calibrated and name in CALIBRATED:
             notes.append(f"{name} skipped (--skip-calibrated)")
             continue
-        compiled, manifest = compile_cached(name, work, rebuild, model, tokenizer, calib, analyses)
+        compiled, manifest = compile_cached(name, work, rebuild, model, tokenizer, calib)
         torch_models[name] = compiled
         levels = (4, 0) if name in EXACT_TOO else (4,)
         accounting = manifest["accounting"]

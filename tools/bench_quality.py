@@ -6,12 +6,12 @@ Rows (perplexity on the first 16,384 tokens of the Brown eval split, context 512
 size = whole-model bits per weight: every byte of every tensor as stored, embeddings and norms
 included, parameters counted once, as llama.cpp reports bpw):
 
-* ``mq``: ``mqc.compile`` with the default recipe at each ``--sizes`` budget. The first size
-  pays for the analysis; the others reuse it (``reuse=``), as ``mqc compile --size a,b,c``
-  does. Each row's bytes are checked against the artifact written to disk.
+* ``mq``: one ``mqc.analyze`` with the default recipe, then ``mqc.plan`` and ``mqc.lower`` at each
+  ``--sizes`` budget, as ``mqc compile --size a,b,c`` does. Each row's bytes are checked against
+  the artifact written to disk.
 * ``uniform``: every linear at one width and group size, the tied embedding/lm_head at fp16,
-  8 or 4 bits; GPTQ rows are the same act-order GPTQ candidates the mq compile built (Hessians
-  from the full-precision model), RTN rows round to nearest.
+  8 or 4 bits; GPTQ rows are the same act-order GPTQ candidates the mq analysis built (Hessians
+  from the full-precision model), lowered unchanged; RTN rows round to nearest.
 * ``llama.cpp``: llama.cpp's own mixes, quantized and scored by llama.cpp itself on the same
   token ids (``tools/llamacpp_peer.py`` in its own venv; skipped with a note if that venv is
   missing). Their sizes come from the GGUF's tensor bytes.
@@ -48,13 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mqc  # noqa: E402
-from mqc import quant  # noqa: E402
 from mqc.data import perplexity, token_stream  # noqa: E402
-from mqc.kl import mean_kl, reference_logprobs  # noqa: E402
+from mqc.lowering.weights import LowerCandidates, QuantizeModules  # noqa: E402
 from mqc.models import cache_dir  # noqa: E402
-from mqc.passes import keys  # noqa: E402
-from mqc.passes.search import PlanModel, mutate, unit_levels  # noqa: E402
-from mqc.passes.units import plan_bytes, plan_entry  # noqa: E402
+from mqc.planning import Plan  # noqa: E402
+from mqc.planning.choices import ChoiceSet  # noqa: E402
+from mqc.planning.evaluate import PlanEvaluator  # noqa: E402
+from mqc.planning.search import group_levels, mutate  # noqa: E402
+from mqc.planning.types import plan_bytes, plan_entry  # noqa: E402
 from mqc.report import machine  # noqa: E402
 from mqc.runtime.artifact import TENSORS, tensor_data_bytes  # noqa: E402
 
@@ -69,33 +70,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def mq_rows(args, base, tok, ids, save) -> mqc.CompiledModel:
-    """One row per size (``save``d as soon as it is measured); returns the first compile."""
-    first = None
-    for size in args.sizes:
+def mq_rows(args, base, tok, ids, save, analysis_dir: Path):
+    """One row per size (``save``d as soon as it is measured), all from one analysis; returns it."""
+    start = time.perf_counter()
+    analysis = mqc.analyze(base, mqc.Recipe(method="mq"), analysis_dir, tokenizer=tok)
+    analysis_s = time.perf_counter() - start
+    for i, size in enumerate(args.sizes):
         start = time.perf_counter()
-        compiled = mqc.compile(copy.deepcopy(base), mqc.Recipe(method="mq", size=f"{size}bpw"), tokenizer=tok, reuse=first)
-        compile_s = time.perf_counter() - start
-        first = first or compiled
-        model_size = compiled.context[keys.MODEL_SIZE]
-        total = model_size.total_bytes(plan_bytes(compiled.plan))
+        plan = mqc.plan(analysis, mqc.Recipe(method="mq", size=f"{size}bpw"))
+        compiled = mqc.lower(copy.deepcopy(base), plan, analysis=analysis, progress=False)
+        compile_s = time.perf_counter() - start + (analysis_s if i == 0 else 0.0)
+        total = plan.model_bytes
         with tempfile.TemporaryDirectory() as tmp:
             on_disk = tensor_data_bytes(mqc.save(compiled, Path(tmp) / "a") / TENSORS)
         assert on_disk == total, f"mq {size}: {on_disk} bytes on disk, {total} accounted"
         ppl = perplexity(compiled.model, ids, context=args.context, max_tokens=args.tokens, progress=False)
-        search = compiled.context.results.get(keys.SEARCH)
+        stages = {name: s.get("seconds") for name, s in analysis.stages.items()} if i == 0 else {}
         row = {
-            "family": "mq", "name": f"mq {size}bpw", "budget_bpw": size, "bpw": 8 * total / model_size.n_params,
+            "family": "mq", "name": f"mq {size}bpw", "budget_bpw": size, "bpw": plan.bpw,
             "bytes": total, "ppl": ppl, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
-            "stages_s": dict(compiled.context.timings),
-            "search_kl": None if search is None else [search.start_kl, search.final_kl],
-            "widths": _widths(compiled.plan),
+            "stages_s": {**stages, "plan": plan.seconds},
+            "search_kl": None if plan.search is None else [plan.search.start_kl, plan.search.final_kl],
+            "widths": _widths(plan.layers),
         }  # fmt: skip
         save([row])
         print(f"mq {size} bpw: {row['bpw']:.3f} bpw, ppl {ppl:.3f}, compile {compile_s:.0f} s", flush=True)
-        if compiled is not first:
-            del compiled
-    return first
+        del compiled
+    return analysis
 
 
 def _widths(plan) -> dict[str, int]:
@@ -110,26 +111,17 @@ def uniform_plan(units, bits: int, group: int, emb_bits: int):
     return {n: plan_entry(u, emb_bits if u.embedding else bits, group, 0.0) for n, u in units.items()}
 
 
-def uniform_rows(args, base, first, ids) -> list[dict]:
-    """Uniform plans evaluated on a float copy whose weights are set to each plan's quantized values."""
-    ctx = first.context
-    work = PlanModel(base, ctx[keys.UNITS], ctx[keys.CANDIDATES])
-    units, size = ctx[keys.UNITS], ctx[keys.MODEL_SIZE]
+def uniform_rows(args, base, analysis, ids) -> list[dict]:
+    """Uniform plans lowered from the mq analysis: its GPTQ candidates as they are, or rounded to nearest."""
+    units = analysis.units
+    size = analysis.model_size("torch")
     rows = []
     for quantizer, bits, group, emb_bits in args.uniform:
-        plan = uniform_plan(units, bits, group, emb_bits)
-        if quantizer == "gptq":
-            model = work.apply(plan)
-        else:
-            model = work.apply({n: plan_entry(u, 16, group, 0.0) for n, u in units.items()})
-            with torch.no_grad():
-                for name, entry in plan.items():
-                    if entry.bits != 16:
-                        dense = quant.fake_quantize(work.original[name], entry.bits, entry.group_size)
-                        param = model.get_submodule(name).weight
-                        param.copy_(dense.t() if units[name].transposed else dense)
-                        work.applied[name] = ("rtn", entry.bits, entry.group_size)
-        total = size.total_bytes(plan_bytes(plan))
+        layers = uniform_plan(units, bits, group, emb_bits)
+        plan = Plan(layers, analysis.recipe, size, analysis.root, analysis.fingerprint)
+        lowering = LowerCandidates() if quantizer == "gptq" else QuantizeModules()
+        model = mqc.lower(copy.deepcopy(base), plan, analysis=analysis, passes=[lowering], progress=False).model
+        total = size.total_bytes(plan_bytes(layers))
         ppl = perplexity(model, ids, context=args.context, max_tokens=args.tokens, progress=False)
         emb = "fp16" if emb_bits == 16 else f"{emb_bits}-bit"
         rows.append({
@@ -138,6 +130,7 @@ def uniform_rows(args, base, first, ids) -> list[dict]:
             "bytes": total, "ppl": ppl,
         })  # fmt: skip
         print(f"{rows[-1]['name']}: {rows[-1]['bpw']:.3f} bpw, ppl {ppl:.3f}", flush=True)
+        del model
     return rows
 
 
@@ -163,13 +156,12 @@ def llamacpp_rows(args, ids) -> tuple[list[dict], str | None]:
     return rows, None
 
 
-def random_plans(ctx, start_plan, n: int, seed: int) -> list[dict]:
+def random_plans(levels: dict, budget: int, start_plan, n: int, seed: int) -> list[dict]:
     """Plans at or under the knapsack plan's budget: half random walks of the search's mutation,
-    half random per-layer choices lowered at random until they fit."""
-    levels = unit_levels(ctx)
-    budget = ctx[keys.ALLOCATION].budget_bytes
+    half random per-group choices lowered at random until they fit."""
     rng = np.random.default_rng(seed)
-    start = {n: max(i for i, e in enumerate(levels[n]) if e.nbytes <= start_plan[n].nbytes) for n in levels}
+    nbytes = lambda level: sum(e.nbytes for e in level)  # noqa: E731
+    start = {g: max(i for i, level in enumerate(levels[g]) if nbytes(level) <= sum(start_plan[n].nbytes for n in g)) for g in levels}
     plans = []
     while len(plans) < n:
         if len(plans) % 2 == 0:
@@ -178,40 +170,40 @@ def random_plans(ctx, start_plan, n: int, seed: int) -> list[dict]:
                 state = mutate(state, levels, budget, rng) or state
         else:
             state = {k: int(rng.integers(len(v))) for k, v in levels.items()}
-            while sum(levels[k][i].nbytes for k, i in state.items()) > budget:
-                name = list(levels)[int(rng.integers(len(levels)))]
-                state[name] = max(state[name] - 1, 0)
-        plans.append({k: levels[k][i] for k, i in state.items()})
+            while sum(nbytes(levels[k][i]) for k, i in state.items()) > budget:
+                group = list(levels)[int(rng.integers(len(levels)))]
+                state[group] = max(state[group] - 1, 0)
+        plans.append({n: e for g, i in state.items() for n, e in zip(g, levels[g][i])})
     return plans
 
 
-def correlation(args, base, first, tok) -> dict:
+def correlation(args, analysis, tok) -> dict:
     """Predicted vs measured KL of random plans near ``--corr-size`` (see module docstring)."""
     recipe = mqc.Recipe(method="mq", size=f"{args.corr_size}bpw", search="none")
-    compiled = mqc.compile(copy.deepcopy(base), recipe, tokenizer=tok, reuse=first, progress=False)
-    ctx = compiled.context
-    ctx.results[keys.START_PLAN] = compiled.plan
-    plans = random_plans(ctx, compiled.plan, args.corr_plans, seed=1)
+    plan = mqc.plan(analysis, recipe, progress=False)
+    choices = ChoiceSet.of(recipe)
+    groups = choices.groups(analysis.units, analysis.shared_inputs)
+    levels = group_levels(choices, analysis.units, groups, analysis.costs)
+    plans = random_plans(levels, plan.allocation.budget_bytes, plan.layers, args.corr_plans, seed=1)
     eval_ids = token_stream(tok, "eval")[: args.corr_tokens].reshape(-1, 512)
-    reference = reference_logprobs(base, eval_ids)
-    work = PlanModel(base, ctx[keys.UNITS], ctx[keys.CANDIDATES])
-    costs, table = ctx[keys.COSTS], ctx[keys.CANDIDATES]
+    evaluator = PlanEvaluator(analysis, eval_ids)
+    costs = analysis.costs
     models = {
-        "predicted_kl": lambda plan: costs.plan_cost(plan),
-        "output_mse": lambda plan: sum(float(table.units[n][(e.bits, e.group_size if e.bits != 16 else None)].row_error.sum()) for n, e in plan.items()),
+        "predicted_kl": lambda p: costs.plan_cost(p),
+        "output_mse": lambda p: sum(costs.errors[n][(e.bits, e.group_size if e.bits != 16 else None)] for n, e in p.items()),
     }  # fmt: skip
     measured, predicted = [], {k: [] for k in models}
-    for i, plan in enumerate(plans):
-        measured.append(mean_kl(work.apply(plan), eval_ids, reference))
+    for i, p in enumerate(plans):
+        (kl,) = evaluator.kl([p], eval_ids.shape[0])
+        measured.append(kl)
         for k, f in models.items():
-            predicted[k].append(f(plan))
+            predicted[k].append(f(p))
         print(f"plan {i}: measured KL {measured[-1]:.4f}, predicted {predicted['predicted_kl'][-1]:.4f}", flush=True)
-    size = ctx[keys.MODEL_SIZE]
     return {
         "size_bpw": args.corr_size,
         "plans": len(plans),
         "eval_tokens": int(eval_ids.numel()),
-        "plan_bpw": [size.bpw(plan_bytes(p)) for p in plans],
+        "plan_bpw": [plan.size.bpw(plan_bytes(p)) for p in plans],
         "measured_kl": measured,
         "predicted": predicted,
         "spearman": {k: float(spearmanr(v, measured).statistic) for k, v in predicted.items()},
@@ -301,6 +293,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--out", default=str(RESULTS / "pareto.json"))
+    p.add_argument("--analysis", default=str(ROOT / "out" / "bench_quality" / "analysis"), help="the mq analysis (reused)")
     args = p.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -336,14 +329,14 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out)
 
-    first = mq_rows(args, base, tok, ids, save)
-    save(uniform_rows(args, base, first, ids))
+    analysis = mq_rows(args, base, tok, ids, save, Path(args.analysis))
+    save(uniform_rows(args, base, analysis, ids))
     if not args.no_llamacpp:
         peer, note = llamacpp_rows(args, ids)
         result["notes"] += [note] if note else []
         save(peer)
     if args.corr_plans:
-        result["correlation"] = correlation(args, base, first, tok)
+        result["correlation"] = correlation(args, analysis, tok)
         result["kl_rank_correlation"] = result["correlation"]["spearman"]
         save([])
     plot(result, out.with_suffix(".png"))

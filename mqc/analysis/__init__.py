@@ -33,7 +33,7 @@ from mqc.analysis.sweep import LayerSweep, read_energies
 from mqc.analysis.units import SelectUnits, read_tensors, read_units
 from mqc.atomic import check_replaceable
 from mqc.capture import capture
-from mqc.errors import AnalysisError
+from mqc.errors import AnalysisError, MqcError
 from mqc.graph import GraphView, KVSite
 from mqc.models import cache_dir, model_source
 from mqc.passes import keys
@@ -181,7 +181,7 @@ def _prune_cache(keep: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _open_model(model) -> tuple[LayerStack, GraphView, object, str | None]:
+def _open_model(model, device: str | None) -> tuple[LayerStack, GraphView, object, str | None]:
     """(stack, graph, tokenizer or None, source spec) of a model spec or a model in memory; the
     graph is captured before the stack loads any tensor (on the meta device for a skeleton)."""
     if isinstance(model, torch.nn.Module):
@@ -189,7 +189,13 @@ def _open_model(model) -> tuple[LayerStack, GraphView, object, str | None]:
         return LayerStack(model, ModuleSource(model)), GraphView(capture(model), model), None, model_source(model)
     skeleton, source, tokenizer, _ = open_model(model)
     graph = GraphView(capture(skeleton), skeleton)
-    return LayerStack(skeleton, source), graph, tokenizer, model_source(skeleton)
+    return LayerStack(skeleton, source, device or "cpu"), graph, tokenizer, model_source(skeleton)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have before anything is read."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise MqcError(f"device {device!r}: no CUDA device is visible; use --device cpu (the default)")
 
 
 def analyze(
@@ -202,18 +208,22 @@ def analyze(
     force: bool = False,
     progress: bool = True,
     budgets: tuple[Recipe, ...] = (),
+    device: str | None = None,
 ) -> Analysis:
     """Analyse ``model`` (a local model directory, ``None``/``"default"`` for the embedded model,
     or a model in memory) for ``recipe`` into ``out`` (default: a directory in the user cache, keyed
     by the model's fingerprint and the analysis settings). An existing analysis of the same model and
     settings is finished or reused; one of another model, or with other settings, is refused by
     name (``force`` starts it over). ``budgets``: recipes whose sizes are refused now, from the
-    shapes alone, if no plan can meet them (before any expensive pass)."""
+    shapes alone, if no plan can meet them (before any expensive pass). ``device``: where a model
+    directory's layers are run (``"cuda"``: one layer at a time on the GPU; a model in memory runs
+    where it is)."""
     recipe = recipe or Recipe(method="mq")
     settings = AnalysisSettings.of(recipe)
     if out is not None and not is_analysis(Path(out)):  # refused before the model is even opened
         check_replaceable(Path(out), force, is_analysis, WHAT)
-    stack, graph, loaded_tokenizer, spec = _open_model(model)
+    check_device(device)
+    stack, graph, loaded_tokenizer, spec = _open_model(model, device)
     tokenizer = tokenizer or loaded_tokenizer
     fingerprint = stack.source.fingerprint
     root = Path(out) if out is not None else default_dir(fingerprint, settings)

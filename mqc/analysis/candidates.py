@@ -105,14 +105,20 @@ def make_candidates(
             results = quant.gptq_batch(weight, hessian, grids)
         else:
             results = [quant._quantize_any(weight, g.bits, g.group_size, g.outlier_mask, None) for g in grids]
-        for choice, grid, (q, z, s, target) in zip(quantized, grids, results):
+        for choice, grid, result in zip(quantized, grids, results):
+            q, z, s, target = result[:4]
             qw = quant.QuantizedWeight(
                 quant.pack(q, grid.bits), s, quant.pack(z, grid.bits), grid.bits, grid.group_size, weight.shape[1]
             )
             sparse = None
             if grid.outlier_mask is not None and grid.outlier_mask.any():
                 sparse = quant.extract_outliers(target, qw, grid.outlier_mask)
-            out[choice] = Candidate(plans[choice], qw, sparse, row_error(_dense(qw, sparse) - weight, hessian))
+            dense = _dense(qw, sparse)
+            if isinstance(result, quant.GPTQResult) and sparse is None:  # the column loop's losses: no [N, K] @ [K, K]
+                error = quant.gptq_row_error(result, weight, dense, hessian)
+            else:
+                error = row_error(dense - weight, hessian)
+            out[choice] = Candidate(plans[choice], qw, sparse, error)
     for choice, plan in plans.items():
         if plan.bits == quant.FP16_BITS and plan.fmt in (None, quant_ggml.F16):
             out[choice] = Candidate(plan, None, None, row_error(weight.to(torch.float16).float() - weight, hessian))

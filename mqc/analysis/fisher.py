@@ -139,7 +139,9 @@ class OutputFisher(AnalysisPass):
             if position is None:
                 began = time.perf_counter()
                 with PeakWindow() as peak:
-                    grad, energy = _head_backward(stack, inputs.layer(layers)[:n], ctx.settings.calib.seed, head_unit)
+                    grad, energy = _head_backward(
+                        stack, inputs.layer(layers, stack.device)[:n], ctx.settings.calib.seed, head_unit
+                    )
                     tensors = {"gradient": grad} | ({} if energy is None else {f"{head_unit}|out": energy})
                     store.put_tensors(
                         "fisher/head.safetensors",
@@ -177,8 +179,8 @@ class OutputFisher(AnalysisPass):
 
     def _layer(self, ctx: AnalysisContext, index: int, n: int, micro, calls) -> None:
         stack, store, units = ctx.stack, ctx.store, ctx[keys.UNITS]
-        upstream = store.tensors(GRADIENT)["gradient"]
-        inputs = ctx[keys.LAYER_INPUTS].layer(index)[:n]
+        upstream = store.tensors(GRADIENT)["gradient"].to(stack.device)
+        inputs = ctx[keys.LAYER_INPUTS].layer(index, stack.device)[:n]
         local = stack.layer_name(index) + "."
         mine = [name for name, u in units.items() if u.layer == index and u.embedding != name]
         energy: dict[str, torch.Tensor] = {}
@@ -209,18 +211,17 @@ class OutputFisher(AnalysisPass):
         if not readers:
             store.put_tensors("fisher/embedding.safetensors", {"none": torch.zeros(0)})
             return
-        upstream = store.tensors(GRADIENT)["gradient"]
-        sums: dict[int, torch.Tensor] = {}
+        upstream = store.tensors(GRADIENT)["gradient"].to(stack.device)
+        read, squares = [], []
         row = 0
         for batch in micro:
             hidden, _, embedding = stack.catch(batch, track=True)
             hidden.backward(upstream[row : row + batch.shape[0]])
             row += batch.shape[0]
-            for ids, table in embedding.looked_up:
-                for token, g in zip(ids.tolist(), table.grad.pow(2)):
-                    sums[token] = sums[token] + g if token in sums else g.clone()
-        ids = torch.tensor(sorted(sums), dtype=torch.long)
-        energy = torch.stack([sums[t] for t in ids.tolist()])
+            read += [ids.cpu() for ids, _ in embedding.looked_up]
+            squares += [table.grad.pow(2).cpu() for _, table in embedding.looked_up]
+        ids, where = torch.unique(torch.cat(read), return_inverse=True)
+        energy = torch.zeros(ids.numel(), squares[0].shape[1]).index_add_(0, where, torch.cat(squares))
         tensors = {}
         for name in readers:
             tensors |= {f"{name}|rows": ids, f"{name}|embed": energy}

@@ -150,11 +150,11 @@ class Sensitivity(AnalysisPass):
         sums = _Sums(units, options, settings.choices.outlier_frac, ctx[keys.ACT_STATS], settings.choices.target)
         bar = tqdm(total=stack.n_layers + 2, desc="analysis: sensitivity", unit="layer", disable=not ctx.progress)
         with frozen(stack.model):
-            grads = self._head(ctx, sums, micro, inputs.layer(stack.n_layers))
+            grads = self._head(ctx, sums, micro, inputs.layer(stack.n_layers, stack.device))
             bar.update(1)
             calls = [stack.catch(b)[1] for b in micro]
             for index in range(stack.n_layers - 1, -1, -1):
-                grads = self._layer(ctx, sums, index, micro, calls, inputs.layer(index), grads)
+                grads = self._layer(ctx, sums, index, micro, calls, inputs.layer(index, stack.device), grads)
                 bar.update(1)
             self._embedding(ctx, sums, micro, grads)
             bar.update(1)
@@ -181,6 +181,7 @@ class Sensitivity(AnalysisPass):
         head = stack.head()
         grads, normed, lse = [], [], []
         row = 0
+        micro = [b.to(stack.device) for b in micro]
         for batch in micro:  # the mean next-token cross-entropy of each micro-batch, as HF's loss
             h = last[row : row + batch.shape[0]].detach().clone().requires_grad_(True)
             row += batch.shape[0]
@@ -197,7 +198,7 @@ class Sensitivity(AnalysisPass):
         unit = units[name]
         cap = stack.softcap
         for r0, r1 in row_blocks(unit, len(sums.options)):
-            weight = unit.oriented(stack.source.rows(unit.tensor_name, r0, r1))
+            weight = unit.oriented(stack.source.rows(unit.tensor_name, r0, r1)).to(stack.device)
             deltas = sums.deltas(name, weight, (r0, r1))
             for batch, f, s in zip(micro, normed, lse):
                 targets = batch[:, 1:].reshape(-1)
@@ -244,12 +245,14 @@ class Sensitivity(AnalysisPass):
         for batch, grad in zip(micro, upstream):
             hidden, _, embedding = stack.catch(batch, track=True)
             hidden.backward(grad)
-            looked_up += [(ids, table.grad) for ids, table in embedding.looked_up]
+            looked_up += [(ids.cpu(), table.grad.cpu()) for ids, table in embedding.looked_up]
         table = f"{stack.embedding_name}.weight"
         for r0, r1 in row_blocks(unit, len(sums.options)):
             if not any(((ids >= r0) & (ids < r1)).any() for ids, _ in looked_up):
                 continue
-            deltas = sums.deltas(name, stack.source.rows(table, r0, r1), (r0, r1))
+            deltas = sums.deltas(
+                name, stack.source.rows(table, r0, r1), (r0, r1)
+            )  # on the CPU: the rows' gradients are there
             for ids, grad in looked_up:
                 inside = (ids >= r0) & (ids < r1)
                 block = torch.zeros(r1 - r0, grad.shape[1])

@@ -26,6 +26,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,15 +37,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mqc.version import __version__
 from mqc.atomic import check_replaceable, replaced_file
 from mqc.errors import AnalysisError
+from mqc.version import __version__
 
 FORMAT = "mqc-analysis"
 FORMAT_VERSION = 1
 MANIFEST = "analysis.json"
 WHAT = "an mqc analysis"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _os_error(message: str) -> int | None:
+    """The errno in a safetensors I/O error's message (``... (os error 28)``)."""
+    match = re.search(r"os error (\d+)", message)
+    return int(match.group(1)) if match else None
 
 
 def is_analysis(path: Path) -> bool:
@@ -161,12 +169,13 @@ class AnalysisStore:
         try:
             with replaced_file(path, True, Path.is_file, "a file") as tmp:
                 write(tmp)
-        except OSError as exc:
-            if exc.errno in _DISK_FULL:
+        except (OSError, SafetensorError) as exc:
+            code = exc.errno if isinstance(exc, OSError) else _os_error(str(exc))
+            if code in _DISK_FULL:
                 free = shutil.disk_usage(self.root).free
                 raise AnalysisError(
-                    f"cannot write {path}: {exc.strerror} ({free / 2**20:.0f} MiB free); free space and run the same "
-                    "command again: the analysis resumes from its last finished step"
+                    f"cannot write {path}: {os.strerror(code)} ({free / 2**20:.0f} MiB free); free space and run the "
+                    "same command again: the analysis resumes from its last finished step"
                 ) from None
             raise
 
@@ -177,7 +186,7 @@ class AnalysisStore:
 
     def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write a safetensors file (recorded in the manifest at the next :meth:`save_manifest`)."""
-        contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         self._write(name, lambda tmp: save_file(contiguous, tmp))
         self._record(name)
 

@@ -45,8 +45,8 @@ class LayerInputs:
     count: int
     n_layers: int
 
-    def layer(self, index: int) -> torch.Tensor:
-        return self.store.tensors(input_file(index))["hidden"]
+    def layer(self, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.store.tensors(input_file(index))["hidden"].to(device)
 
 
 class _Stats:
@@ -120,7 +120,9 @@ class LayerSweep(AnalysisPass):
         catches = [stack.catch(ids) for ids in micro]
         calls = [c[1] for c in catches]
         hidden = (
-            [c[0] for c in catches] if start == 0 else list(store.tensors(STATE)["hidden"].split(micro[0].shape[0]))
+            [c[0] for c in catches]
+            if start == 0
+            else list(store.tensors(STATE)["hidden"].to(stack.device).split(micro[0].shape[0]))
         )
         del catches
         store.manifest.setdefault("candidates", {})
@@ -204,7 +206,7 @@ class LayerSweep(AnalysisPass):
             for r0, r1 in row_blocks(unit, len(plans)):
                 file = f"units/{name}/{r0:09d}.safetensors"
                 if not store.has(file):
-                    weight = unit.oriented(stack.source.rows(unit.tensor_name, r0, r1))
+                    weight = unit.oriented(stack.source.rows(unit.tensor_name, r0, r1)).to(stack.device)
                     cands = make_candidates(weight, plans, hessian, energy, block=(r0, r1), name=name)
                     store.put_tensors(file, to_tensors(name, cands))
                     store.save_manifest()

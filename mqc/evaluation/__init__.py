@@ -9,6 +9,7 @@ settings, :mod:`.reference` caches the reference's side, :mod:`.report` prints a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,29 +22,41 @@ from mqc.evaluation.suite import SUITES, EvalResult, Suite, run_suite
 __all__ = ["SUITES", "EvalResult", "Suite", "evaluate"]
 
 
-def _load(spec) -> tuple[torch.nn.Module, object, str | None, bool]:
-    """(model, tokenizer, recorded source, is compressed) of a model spec: an artifact, an ONNX
-    export (scored through onnxruntime), or a plain model."""
+def _describe(spec) -> tuple[object, str | None, bool, int]:
+    """(tokenizer, recorded source, is compressed, vocabulary) of a model spec, from its files
+    alone: an artifact, an ONNX export, or a plain model directory."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
     from mqc.models import resolve_model_dir
-    from mqc.runtime.artifact import load_any
 
     onnx_config = Path(spec) / "mqc_onnx.json"
+    path = Path(spec) if onnx_config.is_file() else resolve_model_dir(spec)
+    tokenizer = None
+    if any(path.glob("tokenizer*")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if onnx_config.is_file():
-        import json
-
-        from transformers import AutoTokenizer
-
-        from mqc.export.onnx import OnnxCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        return OnnxCausalLM(spec), tokenizer, json.loads(onnx_config.read_text()).get("source"), True
-    path = resolve_model_dir(spec)
-    model, tokenizer = load_any(path)
+        meta = json.loads(onnx_config.read_text())
+        genai = json.loads((path / "genai_config.json").read_text())
+        return tokenizer, meta.get("source"), True, genai["model"]["vocab_size"]
+    vocab = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config().vocab_size
     if (path / "manifest.json").is_file():
         from mqc.runtime.artifact import read_manifest
 
-        return model, tokenizer, read_manifest(path).get("source"), True
-    return model, tokenizer, None, False
+        return tokenizer, read_manifest(path).get("source"), True, vocab
+    return tokenizer, None, False, vocab
+
+
+def _load(spec) -> torch.nn.Module:
+    """The model of a spec: an artifact, an ONNX export (scored through onnxruntime), or a plain model."""
+    if (Path(spec) / "mqc_onnx.json").is_file():
+        from mqc.export.onnx import OnnxCausalLM
+
+        return OnnxCausalLM(spec)
+    from mqc.runtime.artifact import load_any
+
+    return load_any(spec)[0]
 
 
 def evaluate(
@@ -90,25 +103,27 @@ def evaluate(
                 "an ONNX export is evaluated as exported (setting W); activation/KV settings need an artifact"
             )
         settings = ["W"]
-    source = None
+    source, vocab = None, None
+    loader = model
     if not isinstance(model, torch.nn.Module):
-        model, loaded_tokenizer, source, compressed = _load(model)
+        spec = model
+        loaded_tokenizer, source, compressed, vocab = _describe(spec)
         tokenizer = tokenizer or loaded_tokenizer
         if compressed and reference is None and source is None:
             raise MqcError(f"{name} does not record its source model; pass --reference MODEL_DIR (or 'default')")
+        loader = functools.cache(lambda: _load(spec))
     if tokenizer is None:
         raise MqcError(f"{name} has no tokenizer; evaluation on text needs one")
     reference = reference if reference is not None else source
     if reference is None:
-        ref_model, ref_name = model, name
+        ref_loader, ref_name = loader, name
     elif isinstance(reference, torch.nn.Module):
-        ref_model, ref_name = reference, "reference"
+        ref_loader, ref_name = reference, "reference"
     else:
-        ref_model, _, _, _ = _load(reference)
-        ref_name = str(reference)
+        ref_loader, ref_name = (lambda: _load(reference)), str(reference)
     return run_suite(
-        model,
-        ref_model,
+        loader,
+        ref_loader,
         tokenizer,
         suite,
         settings=settings,
@@ -118,4 +133,5 @@ def evaluate(
         names=(name, ref_name),
         cache=cache,
         progress=progress,
+        vocab=vocab,
     )

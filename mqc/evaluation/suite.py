@@ -23,6 +23,7 @@ The reference runs the same protocol once (cached, :mod:`mqc.evaluation.referenc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 import time
@@ -38,7 +39,9 @@ from mqc import data
 from mqc.errors import MqcError
 from mqc.evaluation import reference as refcache
 from mqc.evaluation.settings import SETTINGS, Setting, applied, smoothing_scales
-from mqc.kl import token_kl
+from mqc.kl import token_chunk, token_kl
+from mqc.stream.source import module_fingerprint
+from mqc.stream.stack import Head, LayerStack
 
 
 @dataclass(frozen=True)
@@ -141,30 +144,44 @@ def _ppl(model, ids: torch.Tensor, context: int, desc: str, kwargs: Callable, bo
 
 @torch.no_grad()
 def _agreement(
-    model, texts: Texts, suite: Suite, kwargs: Callable, ref: refcache.Reference | None, writer, progress: bool
+    model, texts: Texts, suite: Suite, kwargs: Callable, ref: refcache.Reference | None, ref_head, writer, progress: bool
 ) -> dict[str, float]:
-    """ppl, KL and top-1 agreement on the main text; the reference run fills ``writer`` instead."""
+    """ppl, KL and top-1 agreement on the main text; the reference run fills ``writer`` with its
+    hidden states instead. A few rows of logits at a time, for the model and the reference."""
     windows = list(data.eval_windows(texts.main, suite.context, bos=texts.bos))
     nll = kl = top1 = 0.0
     row = 0
     for window, first in tqdm(windows, desc="ppl / KL / top-1", disable=not progress, leave=False):
-        window = window.to(_device(model))
-        logq = torch.log_softmax(model(input_ids=window[None], **kwargs()).logits[0, first:-1].float(), -1).cpu()
         targets = window[first + 1 :].cpu()
-        nll -= float(logq.gather(1, targets[:, None]).sum())
-        argmax = logq.argmax(-1)
         if writer is not None:
-            writer.add(logq, argmax)
-        else:
-            if logq.shape[-1] != ref.logprobs.shape[1]:
-                raise MqcError(
-                    f"the model has a {logq.shape[-1]}-token vocabulary, its reference {ref.logprobs.shape[1]}"
-                )
-            logp, ref_top1 = ref.rows(row, row + logq.shape[0])
+            hidden = _hidden(model, window, first, kwargs())
+            for i, logq in _chunked(ref_head, hidden, model.config.get_text_config().vocab_size):
+                nll -= float(logq.gather(1, targets[i : i + logq.shape[0], None]).sum())
+                writer.add(hidden[i : i + logq.shape[0]], logq.argmax(-1))
+            row += hidden.shape[0]
+            continue
+        for i, logits in data.window_scorer(model)(window, first, kwargs()):
+            logq = torch.log_softmax(logits.float(), -1).cpu()
+            logp, ref_top1 = ref.rows(row, row + logq.shape[0], ref_head)
+            nll -= float(logq.gather(1, targets[i : i + logq.shape[0], None]).sum())
             kl += float(token_kl(logq, logp).sum())
-            top1 += float((argmax == ref_top1).sum())
-        row += logq.shape[0]
+            top1 += float((logq.argmax(-1) == ref_top1).sum())
+            row += logq.shape[0]
     return {"ppl": math.exp(nll / row), "kl": kl / row, "top1_agreement": top1 / row, "tokens": row}
+
+
+def _hidden(model, window: torch.Tensor, first: int, kwargs: dict) -> torch.Tensor:
+    """The reference's hidden states entering the head at the scored positions ``[t, H]``."""
+    stack = LayerStack(model)
+    device = next(model.parameters()).device
+    with stack.whole(hidden_out=True) as m:
+        return m(input_ids=window[None].to(device), **kwargs).logits[0, first:-1].float().cpu()
+
+
+def _chunked(head, hidden: torch.Tensor, vocab: int):
+    step = token_chunk(vocab)
+    for i in range(0, hidden.shape[0], step):
+        yield i, torch.log_softmax(head(hidden[i : i + step]).float(), -1)
 
 
 def scored_rows(texts: Texts, suite: Suite) -> int:
@@ -196,14 +213,14 @@ def _prefix_agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
 
 
 def _run(
-    model, texts: Texts, suite: Suite, setting: Setting, ref, writer, smooth, progress: bool
+    model, texts: Texts, suite: Suite, setting: Setting, ref, ref_head, writer, smooth, progress: bool
 ) -> tuple[dict[str, Any], list[list[int]]]:
     start = time.perf_counter()
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     with applied(model, setting, smooth) as kwargs:
         row: dict[str, Any] = {
             "setting": setting.name,
-            **_agreement(model, texts, suite, kwargs, ref, writer, progress),
+            **_agreement(model, texts, suite, kwargs, ref, ref_head, writer, progress),
         }
         greedy = _greedy(model, texts.prompts, suite.new_tokens, kwargs, progress)
         row["greedy_agreement"] = None if ref is None else _prefix_agreement(greedy, ref.meta["greedy"])
@@ -226,26 +243,29 @@ def _run(
 
 def reference_for(
     model: torch.nn.Module, texts: Texts, suite: Suite, root: Path | None = None, progress: bool = True
-) -> refcache.Reference:
-    """The cached reference of ``model`` under this protocol, computed now on a miss."""
+) -> tuple[refcache.Reference, Head]:
+    """The cached reference of ``model`` under this protocol (computed now on a miss), and its head
+    (what recomputes its log-probabilities from the stored hidden states)."""
     root = root or refcache.default_root()
     protocol = texts.protocol(suite)
-    key = refcache.protocol_key(refcache.model_fingerprint(model), protocol)
+    key = refcache.protocol_key(module_fingerprint(model), protocol)
+    head = LayerStack(model).head()
     found = refcache.load(root, key)
     if found is not None:
-        return found
-    writer = refcache.Writer(root, key, scored_rows(texts, suite), model.config.get_text_config().vocab_size)
+        return found, head
+    width = model.get_output_embeddings().in_features  # what enters the head (OPT projects it)
+    writer = refcache.Writer(root, key, scored_rows(texts, suite), width)
     try:
-        row, greedy = _run(model, texts, suite, Setting("W"), None, writer, None, progress)
-        return writer.commit({"protocol": protocol, "row": row, "greedy": greedy})
+        row, greedy = _run(model, texts, suite, Setting("W"), None, head, writer, None, progress)
+        return writer.commit({"protocol": protocol, "row": row, "greedy": greedy}), head
     except BaseException:
         writer.abort()
         raise
 
 
 def run_suite(
-    model: torch.nn.Module,
-    reference_model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    reference_model: torch.nn.Module | Callable[[], torch.nn.Module],
     tokenizer,
     suite: Suite,
     *,
@@ -256,24 +276,36 @@ def run_suite(
     names: tuple[str, str] = ("model", "reference"),
     cache: Path | None = None,
     progress: bool = True,
+    vocab: int | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` against ``reference_model`` (see the module docstring for the rows)."""
+    """Evaluate ``model`` against ``reference_model`` (see the module docstring for the rows).
+
+    Either may be given as a function that loads it: the reference is then loaded first and
+    released (but for its head) before the model is loaded, so the two are never in memory
+    together. ``vocab``: the model's vocabulary, checked before anything runs (default: read
+    from the model)."""
     start = time.perf_counter()
     parsed = [Setting.parse(s) for s in (settings or suite.settings)]
-    vocab = model.config.get_text_config().vocab_size
-    if vocab != reference_model.config.get_text_config().vocab_size:
+    bundle = Texts.of(tokenizer, suite, eval_file, texts)
+    ref_model = reference_model if isinstance(reference_model, torch.nn.Module) else reference_model()
+    if vocab is None:
+        model = model if isinstance(model, torch.nn.Module) else model()
+        vocab = model.config.get_text_config().vocab_size
+    if vocab != ref_model.config.get_text_config().vocab_size:
         raise MqcError(
             f"{names[0]} and its reference {names[1]} have different vocabularies; pass the right --reference"
         )
-    bundle = Texts.of(tokenizer, suite, eval_file, texts)
-    ref = reference_for(reference_model, bundle, suite, cache, progress)
+    ref, ref_head = reference_for(ref_model, bundle, suite, cache, progress)
+    del ref_model
+    gc.collect()
+    model = model if isinstance(model, torch.nn.Module) else model()
     scales = None
     if smooth is not None and any(s.act_bits for s in parsed):
         calib = data.calibration_batches(tokenizer, 8, suite.context)
         scales = smoothing_scales(model, calib, smooth)
     rows = []
     for setting in parsed:
-        row, _ = _run(model, bundle, suite, setting, ref, None, scales if setting.act_bits else None, progress)
+        row, _ = _run(model, bundle, suite, setting, ref, ref_head, None, scales if setting.act_bits else None, progress)
         rows.append({"name": names[0], **row, "smooth": smooth if setting.act_bits else None})
     reference_row = {"name": names[1], **ref.meta["row"]}
     return EvalResult(

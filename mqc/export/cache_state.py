@@ -22,7 +22,6 @@ def sliding_window(model: torch.nn.Module, attention: torch.nn.Module) -> int | 
     return getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
 
 
-
 @dataclass(frozen=True)
 class CacheState:
     """One tensor of the cache a decode step carries: ``past_key_values.{name}`` in,

@@ -89,9 +89,11 @@ def plan(
     target: str | None = None,
     search_generations: int | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Plan:
     """The plan of ``recipe`` (default: the one the analysis was made for) from ``analysis``;
-    ``size``, ``pins``, ``target`` and ``search_generations`` override the recipe's."""
+    ``size``, ``pins``, ``target`` and ``search_generations`` override the recipe's; ``device``:
+    where the search runs the plans' layers."""
     began = time.perf_counter()
     recipe = recipe_for(analysis, recipe, size=size, pins=pins, target=target, search_generations=search_generations)
     model_size = analysis.model_size(recipe.target)
@@ -111,7 +113,7 @@ def plan(
         if recipe.search == "evo" and recipe.search_generations > 0 and analysis.settings.candidates:
             layers, report = search(
                 analysis, alloc.layers, choices, groups, alloc.report.budget_bytes, recipe.search_generations,
-                recipe.calib.seed, recipe.pins, progress,
+                recipe.calib.seed, recipe.pins, progress, device,
             )  # fmt: skip
         start = alloc.layers if report is not None else None
         result = Plan(

@@ -27,16 +27,17 @@ EMBEDDING = -1  # signature position of the embedding (layer indices are 0..n-1,
 
 
 class PlanEvaluator:
-    """Scores plans (``dict qualname -> LayerPlan``) on ``ids [n, L]``, the first calibration
-    sequences, whose float last-layer outputs the analysis kept."""
+    """Scores plans (``dict qualname -> LayerPlan``) on token ids ``[n, L]``: the first
+    calibration sequences (whose float last-layer outputs the analysis kept), or any others."""
 
-    def __init__(self, analysis, ids: torch.Tensor):
+    def __init__(self, analysis, ids: torch.Tensor, device: str = "cpu"):
         self.analysis, self.ids = analysis, ids
+        self.device = device
         self.units = analysis.units
         self.candidates = analysis.candidates
         source = analysis.weights()
         config = copy.deepcopy(analysis.config)
-        self.stack = LayerStack(build_skeleton(config), RoundedSource(source))
+        self.stack = LayerStack(build_skeleton(config), RoundedSource(source), device)
         self.n_layers = self.stack.n_layers
         self.vocab = self.stack.vocab_size()
         self.reference = self._reference(config, source)
@@ -50,15 +51,19 @@ class PlanEvaluator:
         self.head_unit = self.stack.head_name if self.stack.head_name in self.units else None
 
     def _reference(self, config, source) -> torch.Tensor:
-        """float16 log-probabilities of the float model on ``ids``: its kept last-layer outputs, then
-        its float tail and head."""
-        store = self.analysis.store
-        last = store.tensors(f"inputs/{self.n_layers:04d}.safetensors")["hidden"][: self.ids.shape[0]]
-        exact = LayerStack(build_skeleton(copy.deepcopy(config)), loadable(source))
-        head = exact.head()
+        """float16 log-probabilities of the float model on ``ids``: from the last-layer outputs the
+        analysis kept (the first calibration sequences), else by running the float model."""
+        exact = LayerStack(build_skeleton(copy.deepcopy(config)), loadable(source), self.device)
+        count = self.ids.shape[0]
+        calib = self.analysis.calib()
+        kept = self.analysis.store.tensors(f"inputs/{self.n_layers:04d}.safetensors")["hidden"]
         with torch.no_grad():
-            rows = [logprobs16(head, exact.tail(h), self.vocab) for h in last]
-        return torch.stack(rows)
+            if count <= kept.shape[0] and torch.equal(self.ids, calib[:count]):
+                last = kept[:count].to(self.device)
+            else:
+                last = _float_outputs(exact, self.ids)
+            head = exact.head()
+            return torch.stack([logprobs16(head, exact.tail(h), self.vocab) for h in last])
 
     # ---------------------------------------------------------------------------------------
     def signature(self, plan: dict[str, LayerPlan]) -> list[Any]:
@@ -94,7 +99,7 @@ class PlanEvaluator:
         if self.readers:
             name = self.readers[0]
             choice = choice_of(plan[name])
-            rows = lambda ids: self.candidates.dense_rows(name, choice, ids)  # noqa: E731
+            rows = lambda ids: self.candidates.dense_rows(name, choice, ids.cpu()).to(ids.device)  # noqa: E731
         return torch.cat([self.stack.catch(b, rows=rows)[0] for b in batches(self.ids[:count])])
 
     def _overrides(self, layer: int, signature) -> dict[str, torch.Tensor]:
@@ -155,3 +160,14 @@ class PlanEvaluator:
             total = sum(kl_sum(head, self.stack.tail(h), ref) for h, ref in zip(hidden[i], reference))
             scores.append(total / (count * self.ids.shape[1]))
         return scores
+
+
+def _float_outputs(stack: LayerStack, ids: torch.Tensor) -> torch.Tensor:
+    """The float model's last-layer outputs on ``ids [n, L]``, one layer at a time."""
+    micro = batches(ids)
+    catches = [stack.catch(b) for b in micro]
+    hidden = [c[0] for c in catches]
+    for index in range(stack.n_layers):
+        with stack.layer(index) as layer:
+            hidden = [stack.run(layer, h, c[1][index]) for h, c in zip(hidden, catches)]
+    return torch.cat(hidden)

@@ -103,6 +103,7 @@ def search(
     seed: int,
     pins: tuple = (),
     progress: bool = True,
+    device: str = "cpu",
 ) -> tuple[dict[str, LayerPlan], SearchReport]:
     """The searched plan and its report (see the module docstring)."""
     began = time.perf_counter()
@@ -112,7 +113,7 @@ def search(
     for group, options in levels.items():  # the knapsack never picks a dominated choice, but ties may
         planned = sum(start[n].nbytes for n in group)
         state[group] = max(i for i, level in enumerate(options) if level_bytes(level) <= planned)
-    evaluator = PlanEvaluator(analysis, analysis.calib()[: max(STAGE_SEQUENCES)])
+    evaluator = PlanEvaluator(analysis, analysis.calib()[: max(STAGE_SEQUENCES)], device)
     last = max(STAGE_SEQUENCES)
 
     def to_plan(s) -> dict[str, LayerPlan]:

@@ -40,15 +40,18 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_skeleton(config, attn_implementation: str | None = None) -> PreTrainedModel:
     """The model class of ``config`` with its parameters on meta; SDPA attention where the family
-    has it (one graph op for capture to find), else eager."""
+    has it (one graph op for capture to find), else eager. Built in float32, as
+    ``from_pretrained(..., dtype=float32)`` builds (otherwise the config's checkpoint dtype is used,
+    and buffers computed at construction, Gemma's embedding scale, would be rounded to it)."""
+    kwargs = {"dtype": torch.float32}
     with parameters_on_meta():
         if attn_implementation is not None:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **kwargs)
         else:
             try:
-                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **kwargs)
             except ValueError:
-                model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", **kwargs)
     model.tie_weights()  # construction skips tying meta parameters
     return model.float().eval()
 
@@ -98,11 +101,12 @@ def materialize(
     source: WeightSource,
     overrides: dict[str, torch.Tensor] | None = None,
     recurse: bool = True,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Give ``module``'s meta parameters (``recurse``: its submodules' too) their float32 tensors
     (``prefix`` is its qualname in the model; ``overrides`` maps a parameter's full name to the
-    tensor to use instead). The meta parameters are kept, so that :func:`release` restores them and
-    tied parameters stay one object."""
+    tensor to use instead), on ``device``. The meta parameters are kept, so that :func:`release`
+    restores them and tied parameters stay one object."""
     overrides = overrides or {}
     made: dict[int, torch.nn.Parameter] = {}  # a tied parameter becomes one tensor again
     for owner_name, owner in module.named_modules(remove_duplicate=False) if recurse else [("", module)]:
@@ -112,7 +116,7 @@ def materialize(
             if id(param) not in made:
                 full = ".".join(p for p in (prefix, owner_name, leaf) if p)
                 tensor = overrides[full] if full in overrides else source.tensor(full)
-                made[id(param)] = torch.nn.Parameter(tensor.reshape(param.shape), requires_grad=False)
+                made[id(param)] = torch.nn.Parameter(tensor.reshape(param.shape).to(device), requires_grad=False)
             owner.__dict__.setdefault(_META, {})[leaf] = param
             owner._parameters[leaf] = made[id(param)]
 

@@ -156,6 +156,9 @@ class ShardSource(WeightSource):
         ``transformer``), which some checkpoints leave out of their keys."""
         self.directory = Path(directory)
         files = shard_files(self.directory)
+        for path in sorted(set(files.values())):  # every header parses and the data it describes is there
+            with _open(path):
+                pass
         self.location: dict[str, tuple[Path, str]] = {}
         for name in names:
             key = self._resolve(name, [name, *aliases.get(name, ())], files, prefix)

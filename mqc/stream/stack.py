@@ -96,12 +96,12 @@ def source_rows(source: WeightSource, name: str) -> Rows:
     """Rows of ``name`` for sorted ids, read a block of :data:`ROW_BLOCK` rows at a time."""
 
     def rows(ids: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for block in torch.unique(ids // ROW_BLOCK).tolist():
-            inside = ids[(ids // ROW_BLOCK) == block]
+        parts, host = [], ids.cpu()
+        for block in torch.unique(host // ROW_BLOCK).tolist():
+            inside = host[(host // ROW_BLOCK) == block]
             lo, hi = int(inside[0]), int(inside[-1]) + 1
             parts.append(source.rows(name, lo, hi)[inside - lo])
-        return torch.cat(parts)
+        return torch.cat(parts).to(ids.device)
 
     return rows
 
@@ -121,11 +121,22 @@ class Head:
 
 
 class LayerStack:
-    """``model`` (a skeleton on meta, or a model in memory) run piece by piece from ``source``."""
+    """``model`` (a skeleton on meta, or a model in memory) run piece by piece from ``source``, on
+    ``device`` (a skeleton's layers are loaded there one at a time; its buffers, rotary tables
+    say, move there at once)."""
 
-    def __init__(self, model: torch.nn.Module, source: WeightSource | None = None):
+    def __init__(
+        self, model: torch.nn.Module, source: WeightSource | None = None, device: torch.device | str | None = None
+    ):
         self.model = model
         self.source = source if source is not None else ModuleSource(model)
+        resident = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+        self.device = torch.device(device) if device is not None else resident
+        if not self.source.resident:
+            for module in model.modules():
+                for key, buffer in module._buffers.items():
+                    if buffer is not None and not buffer.is_meta:
+                        module._buffers[key] = buffer.to(self.device)
         self.config = model.config
         self.decoder = model.get_decoder()
         self.layers_attr = "layers" if hasattr(self.decoder, "layers") else "h"
@@ -144,7 +155,7 @@ class LayerStack:
             big = {id(self.layers), id(self.embedding), id(head)}
             for name, module in model.named_modules():
                 if id(module) not in big and not any(id(m) in big for m in _ancestors(model, name)):
-                    materialize(module, name, self.source, recurse=False)
+                    materialize(module, name, self.source, recurse=False, device=self.device)
 
     @property
     def n_layers(self) -> int:
@@ -178,7 +189,7 @@ class LayerStack:
             self.model.set_submodule(self.embedding_name, embedding)
         try:
             with torch.set_grad_enabled(track):
-                self.model(input_ids=ids, use_cache=False, **forward)
+                self.model(input_ids=ids.to(self.device), use_cache=False, **forward)
         except StopForward:
             pass
         finally:
@@ -237,8 +248,8 @@ class LayerStack:
             return Head(module, self.softcap)
         bias = None
         if getattr(module, "bias", None) is not None:
-            bias = self.source.tensor(f"{self.head_name}.bias")
-        w = weight if weight is not None else self.source.tensor(f"{self.head_name}.weight")
+            bias = self.source.tensor(f"{self.head_name}.bias").to(self.device)
+        w = (weight if weight is not None else self.source.tensor(f"{self.head_name}.weight")).to(self.device)
         return Head(lambda h: torch.nn.functional.linear(h, w, bias), self.softcap)
 
     def vocab_size(self) -> int:
@@ -273,12 +284,13 @@ class LayerStack:
         handles = []
         for index, layer in enumerate(self.layers):
             prefix = self.layer_name(index)
-            handles.append(layer.register_forward_pre_hook(lambda m, a, p=prefix: materialize(m, p, self.source)))
+            load = lambda m, a, p=prefix: materialize(m, p, self.source, device=self.device)  # noqa: E731
+            handles.append(layer.register_forward_pre_hook(load))
             handles.append(layer.register_forward_hook(lambda m, a, o: release(m)))
         head = self.model.get_output_embeddings()
         embedding = RowEmbedding(self.embedding, self.embedding_rows())
         self.model.set_submodule(self.embedding_name, embedding)
-        materialize(head, self.head_name, self.source)
+        materialize(head, self.head_name, self.source, device=self.device)
         try:
             yield self.model
         finally:
