@@ -7,6 +7,7 @@ single ``mqc: error: ...`` line with exit code 2. Anything else is a bug and kee
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -361,6 +362,7 @@ def cmd_compile(args) -> int:
             print(f"artifact: {out} ({report['artifact']['bytes_on_disk'] / 2**20:.2f} MiB on disk), report: {out}/report.md")
             print()
         del compiled
+        gc.collect()  # the next size's search starts from what this one freed
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, default=str))
     return 0

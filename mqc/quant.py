@@ -145,6 +145,12 @@ class SparseOutliers:
         dense[rows, self.col.long()] = self.values.to(dtype)
         return dense
 
+    def add_to(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense`` (``[N, K]``) with the residuals added in place: no second dense matrix."""
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), torch.diff(self.crow.long()))
+        dense.index_put_((rows, self.col.long()), self.values.to(dense.dtype), accumulate=True)
+        return dense
+
     def dense_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``[len(rows), K]`` of selected rows, without building the whole matrix."""
         crow = self.crow.long()
@@ -556,11 +562,20 @@ def quantize_layer(
     return qw, extract_outliers(target, qw, outlier_mask)
 
 
+DEQUANTIZE_ELEMENTS = 1 << 24  # weights unpacked at a time: the temporaries are a few times the output's rows
+
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense ``W_hat [N, K]`` of a packed weight."""
-    q = unpack(qw.qweight, qw.bits, qw.group_size)
-    z = unpack(qw.qzeros, qw.bits, qw.n_blocks)
-    return _from_codes(q, z, qw.scales, qw.in_features).to(dtype)
+    """The dense ``W_hat [N, K]`` of a packed weight, a block of rows at a time (a 128k-row head
+    would otherwise make several times its float32 size in int32 and float temporaries)."""
+    out = torch.empty(qw.out_features, qw.in_features, dtype=dtype, device=qw.qweight.device)
+    step = max(1, DEQUANTIZE_ELEMENTS // max(1, qw.in_features))
+    for r0 in range(0, qw.out_features, step):
+        r1 = min(r0 + step, qw.out_features)
+        q = unpack(qw.qweight[r0:r1], qw.bits, qw.group_size)
+        z = unpack(qw.qzeros[r0:r1], qw.bits, qw.n_blocks)
+        out[r0:r1] = _from_codes(q, z, qw.scales[r0:r1], qw.in_features)
+    return out
 
 
 def extract_outliers(weight: torch.Tensor, qw: QuantizedWeight, mask: torch.Tensor) -> SparseOutliers:

@@ -310,7 +310,11 @@ def main() -> int:
 
     if "135M" in wanted:
         print("135M (the default model)", flush=True)
-        row = compile_row("135M SmolLM2", default_model_dir(), work, "3.5bpw,4.5bpw", 30)
+        row = compile_row("135M SmolLM2", default_model_dir(), work, "3.5bpw,4.5bpw", 30, evaluate=True)
+        pareto = json.loads((RESULTS / "pareto.json").read_text())
+        earlier = {r["budget_bpw"]: r["ppl"] for r in pareto["rows"] if r["family"] == "mq"}
+        for entry in row["sizes"]:
+            entry["ppl_pareto_json"] = earlier.get(float(entry["size"].removesuffix("bpw")))
         row["eval"] = eval_row("135M", work / "135M SmolLM2-compiled" / "mq-3.5bpw")
         if args.before:
             row["before"] = before_rows(args.before, work)

@@ -65,7 +65,7 @@ def row_blocks(unit: WeightUnit, n_choices: int) -> list[tuple[int, int]]:
 
 def _dense(qw: quant.QuantizedWeight, sparse: quant.SparseOutliers | None) -> torch.Tensor:
     dense = quant.dequantize(qw)
-    return dense if sparse is None else dense + sparse.to_dense()
+    return dense if sparse is None else sparse.add_to(dense)
 
 
 def make_candidates(

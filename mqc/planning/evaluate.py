@@ -24,6 +24,30 @@ from mqc.stream.source import RoundedSource, loadable
 from mqc.stream.stack import CALIB_BATCH, LayerStack, batches
 
 EMBEDDING = -1  # signature position of the embedding (layer indices are 0..n-1, the head is n)
+DENSE_CACHE_BYTES = 1 << 30  # dequantized candidates kept between scorings
+
+
+class DenseCache:
+    """Dequantized candidates, kept up to ``budget`` bytes, later layers first: every plan runs the
+    layers after its first difference from the recorded one, so the last layers are run most."""
+
+    def __init__(self, budget: int = DENSE_CACHE_BYTES):
+        self.budget, self.used = budget, 0
+        self.entries: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+    def get(self, key: tuple, priority: int, make) -> torch.Tensor:
+        if key in self.entries:
+            return self.entries[key][1]
+        tensor = make()
+        size = tensor.numel() * tensor.element_size()
+        lower = sorted((p, k) for k, (p, _) in self.entries.items() if p < priority)
+        while self.used + size > self.budget and lower:
+            _, victim = lower.pop(0)
+            self.used -= self.entries.pop(victim)[1].numel() * tensor.element_size()
+        if self.used + size <= self.budget:
+            self.entries[key] = (priority, tensor)
+            self.used += size
+        return tensor
 
 
 class PlanEvaluator:
@@ -47,6 +71,7 @@ class PlanEvaluator:
         )
         self.pending: tuple[list[Any], list[torch.Tensor]] | None = None
         self._head: tuple[Any, torch.Tensor] | None = None  # (choice, dense head weight) last used
+        self.dense = DenseCache()
         self.readers = [n for n, u in self.units.items() if u.embedding is not None]  # units the embedding reads
         self.head_unit = self.stack.head_name if self.stack.head_name in self.units else None
 
@@ -106,7 +131,8 @@ class PlanEvaluator:
         out = {}
         for name, choice in signature:
             unit = self.units[name]
-            out[unit.tensor_name] = unit.stored(self.candidates.dense(name, choice))
+            dense = self.dense.get((name, choice), layer, lambda n=name, c=choice: self.candidates.dense(n, c))
+            out[unit.tensor_name] = unit.stored(dense)
         return out
 
     def _head_fn(self, plan: dict[str, LayerPlan]):
@@ -154,11 +180,12 @@ class PlanEvaluator:
             inputs.append(hidden[record])
             self.pending = (sigs[record], inputs)
         reference = self.reference[:count]
-        scores = []
-        for i, plan in enumerate(plans):
-            head = self._head_fn(plan)
+        scores = [0.0] * len(plans)
+        head_choice = lambda i: str(sigs[i][-1])  # noqa: E731  (plans sharing a head are scored together)
+        for i in sorted(range(len(plans)), key=head_choice):
+            head = self._head_fn(plans[i])
             total = sum(kl_sum(head, self.stack.tail(h), ref) for h, ref in zip(hidden[i], reference))
-            scores.append(total / (count * self.ids.shape[1]))
+            scores[i] = total / (count * self.ids.shape[1])
         return scores
 
 
