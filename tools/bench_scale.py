@@ -173,12 +173,11 @@ def fp32_bytes(path: Path) -> int:
     return index["metadata"]["total_size"] * 2  # bfloat16 on disk
 
 
-def compile_row(name: str, model: Path, work: Path, sizes: str, layers: int) -> dict:
+def compile_row(name: str, model: Path, work: Path, sizes: str, layers: int, evaluate: bool = False) -> dict:
     analysis, out = work / f"{name}-analysis", work / f"{name}-compiled"
     analyze = measured(["analyze", str(model), "--out", str(analysis), "--force"])
-    compiled = measured(
-        ["compile", str(model), "--analysis", str(analysis), "--size", sizes, "--out", str(out), "--force", "--json"]
-    )
+    argv = ["compile", str(model), "--analysis", str(analysis), "--size", sizes, "--out", str(out), "--force", "--json"]
+    compiled = measured(argv + (["--eval"] if evaluate else []))
     reports = json.loads(compiled["stdout"])
     reports = reports if isinstance(reports, list) else [reports]
     facts = analysis_stages(analysis)
@@ -209,9 +208,11 @@ def compile_row(name: str, model: Path, work: Path, sizes: str, layers: int) -> 
                 "bpw": r["size"]["bpw"],
                 "search_kl": r.get("search", {}).get("final_kl"),
                 "artifact_bytes": r["artifact"]["bytes_on_disk"],
+                "ppl": r.get("evaluation", {}).get("ppl_compiled"),
+                "ppl_reference": r.get("evaluation", {}).get("ppl_reference"),
             }
             for r in reports
-        ],  # fmt: skip
+        ],
         "fp32_weight_bytes": fp32_bytes(model) if (model / "model.safetensors.index.json").is_file() else None,
     }
 
